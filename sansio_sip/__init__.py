@@ -5,19 +5,25 @@ time and returns actions (DESIGN.md §2). What this module exports is the
 public API; every other name is private.
 """
 
-from . import _actions, _config, _digest, _errors, _model, _seams
+from . import _actions, _config, _digest, _errors, _headers, _message, _model, _seams, _uri
 from ._actions import *  # noqa: F403
 from ._config import *  # noqa: F403
 from ._digest import *  # noqa: F403
 from ._errors import *  # noqa: F403
+from ._headers import *  # noqa: F403
+from ._message import *  # noqa: F403
 from ._model import *  # noqa: F403
 from ._seams import *  # noqa: F403
+from ._uri import *  # noqa: F403
 
 __all__ = [
     *_actions.__all__,
     *_config.__all__,
     *_digest.__all__,
     *_errors.__all__,
+    *_headers.__all__,
+    *_message.__all__,
     *_model.__all__,
     *_seams.__all__,
+    *_uri.__all__,
 ]
