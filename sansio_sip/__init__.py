@@ -5,15 +5,31 @@ time and returns actions (DESIGN.md §2). What this module exports is the
 public API; every other name is private.
 """
 
-from . import _actions, _config, _digest, _errors, _headers, _message, _model, _seams, _uri
+from . import (
+    _actions,
+    _config,
+    _digest,
+    _errors,
+    _events,
+    _headers,
+    _message,
+    _model,
+    _seams,
+    _timers,
+    _transaction,
+    _uri,
+)
 from ._actions import *  # noqa: F403
 from ._config import *  # noqa: F403
 from ._digest import *  # noqa: F403
 from ._errors import *  # noqa: F403
+from ._events import *  # noqa: F403
 from ._headers import *  # noqa: F403
 from ._message import *  # noqa: F403
 from ._model import *  # noqa: F403
 from ._seams import *  # noqa: F403
+from ._timers import *  # noqa: F403
+from ._transaction import *  # noqa: F403
 from ._uri import *  # noqa: F403
 
 __all__ = [
@@ -26,4 +42,7 @@ __all__ = [
     *_model.__all__,
     *_seams.__all__,
     *_uri.__all__,
+    *_events.__all__,
+    *_timers.__all__,
+    *_transaction.__all__,
 ]
