@@ -14,6 +14,7 @@ from . import (
     _headers,
     _message,
     _model,
+    _sdp,
     _seams,
     _timers,
     _transaction,
@@ -27,6 +28,7 @@ from ._events import *  # noqa: F403
 from ._headers import *  # noqa: F403
 from ._message import *  # noqa: F403
 from ._model import *  # noqa: F403
+from ._sdp import *  # noqa: F403
 from ._seams import *  # noqa: F403
 from ._timers import *  # noqa: F403
 from ._transaction import *  # noqa: F403
@@ -40,6 +42,7 @@ __all__ = [
     *_headers.__all__,
     *_message.__all__,
     *_model.__all__,
+    *_sdp.__all__,
     *_seams.__all__,
     *_uri.__all__,
     *_events.__all__,
