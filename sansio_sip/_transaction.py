@@ -211,7 +211,7 @@ class ServerTransaction:
 
     ``response_destination`` is where responses go (§18.2.2, RFC 3581 §4);
     ``last_response`` holds the bytes of the most recent response sent, kept
-    for retransmission. ``owner`` is an opaque slot for the TU.
+    for retransmission. ``owner`` and ``owner_tag`` are opaque slots for the TU.
     """
 
     key: TransactionKey
@@ -228,6 +228,7 @@ class ServerTransaction:
     final_to_tag: str | None = None
     retransmit_interval: float = 0.0
     owner: object | None = None
+    owner_tag: str | None = None  # the To tag the TU chose for its responses (a TU slot)
 
 
 @attrs.define(slots=True, eq=False, kw_only=True)
