@@ -1,0 +1,789 @@
+"""The production driver: one sans-IO SIP engine served over UDP and TCP with AnyIO.
+
+Theory of operation (DESIGN.md §3, STYLE.md §10). Everything that reaches the
+engine goes through one bounded input queue, and one loop (``_run_engine``)
+drains it:
+
+1. wait for an input or the engine's next deadline;
+2. read the clock once (``now`` monotonic, ``wall`` UTC); when the timer woke
+   the loop, ``now`` is the later of the deadline and the clock;
+3. feed the engine;
+4. perform the returned actions in order;
+5. re-arm the timer only if ``next_timer()`` moved.
+
+Producers of inputs: one task per UDP socket (non-blocking ``recvfrom`` on a
+raw socket; beyond the queue bound a datagram is dropped and counted, never
+queued without limit: AnyIO's own asyncio UDP socket keeps 100 datagrams and
+silently discards the oldest, which is why it is not used), one task per TCP
+connection (reads have back-pressure: the task waits for room), and the tasks
+that await slow back-ends (account store, relay) in worker threads under a
+deadline and feed the result back. The loop itself never awaits a back-end:
+performing an action either completes at once (UDP ``sendto``, queueing bytes
+for a TCP writer task, a log line) or starts a task.
+
+The driver knows no SIP: addresses, connection ids and bytes are all it sees.
+io_socket/server.py is the same loop with blocking sockets; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import math
+import signal
+import socket
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple, Protocol, TypeVar, assert_never
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from sansio_sip import (
+    Account,
+    AccountStore,
+    Action,
+    Address,
+    AllocateMedia,
+    CallRecord,
+    CloseConnection,
+    Log,
+    LookupAccount,
+    MediaAllocation,
+    MediaRelay,
+    MediaUnavailable,
+    ReleaseMedia,
+    Send,
+    StoreUnavailable,
+    Transport,
+    UpdateMedia,
+)
+
+from .options import DriverOptions
+
+__all__ = ["DrivenEngine", "Server", "serve"]
+
+T = TypeVar("T")
+LogSink = Callable[[Log], None]
+
+# After an engine bug in handle_timer the deadline has not moved; retry it this
+# much later instead of spinning on a deadline that is already past.
+_TIMER_BUG_BACKOFF = 0.1
+# A connection the engine closes gets this long to write what was queued before it.
+_CLOSE_FLUSH = 2.0
+
+
+class DrivenEngine(Protocol):
+    """The part of ``sansio_sip.Engine`` a driver calls (keyword ``now``/``wall`` everywhere)."""
+
+    def receive(
+        self,
+        data: bytes,
+        *,
+        source: Address,
+        transport: Transport,
+        now: float,
+        wall: float,
+        connection: int | None = None,
+    ) -> list[Action]: ...
+    def connection_closed(self, connection: int, *, now: float, wall: float) -> list[Action]: ...
+    def handle_timer(self, *, now: float, wall: float) -> list[Action]: ...
+    def next_timer(self) -> float | None: ...
+    def account_found(
+        self, token: int, account: Account | None, *, now: float, wall: float
+    ) -> list[Action]: ...
+    def account_unavailable(self, token: int, *, now: float, wall: float) -> list[Action]: ...
+    def media_allocated(
+        self, token: int, allocation: MediaAllocation, *, now: float, wall: float
+    ) -> list[Action]: ...
+    def media_failed(self, token: int, reason: str, *, now: float, wall: float) -> list[Action]: ...
+    def media_ended(
+        self, call_ref: str, reason: str, *, now: float, wall: float
+    ) -> list[Action]: ...
+    def transport_failed(
+        self, destination: Address, transport: Transport, *, now: float, wall: float
+    ) -> list[Action]: ...
+    def stop_accepting(self, *, now: float, wall: float) -> list[Action]: ...
+    def end_all_calls(self, *, now: float, wall: float) -> list[Action]: ...
+    @property
+    def active_calls(self) -> int: ...
+    @property
+    def idle(self) -> bool: ...
+
+
+class _Input(NamedTuple):
+    """One thing for the engine: ``feed(now=..., wall=...)``, a name and the bytes (for bug reports)."""
+
+    feed: Callable[..., Sequence[Action]]
+    what: str
+    data: bytes = b""
+    done: anyio.Event | None = None
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """A TCP connection, accepted or opened by us; ``ident`` is the engine's connection id."""
+
+    ident: int
+    peer: Address
+    accepted: bool
+    outgoing_in: MemoryObjectSendStream[bytes]
+    outgoing: MemoryObjectReceiveStream[bytes]
+    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    reason: str = "closed by peer"
+
+
+class Server:
+    """Serves one engine on UDP and TCP at every ``options.listen`` address.
+
+    ``store`` answers account look-ups and takes call records; ``relay`` (or None
+    when no media relay is configured: calls then fail with the engine's answer
+    to ``media_failed``) reserves media ports. Both may block: they are called in
+    worker threads under ``options.store_timeout`` / ``options.relay_timeout``.
+    ``log`` receives the engine's ``Log`` actions and the driver's own events.
+    """
+
+    def __init__(
+        self,
+        engine: DrivenEngine,
+        *,
+        store: AccountStore,
+        relay: MediaRelay | None,
+        options: DriverOptions | None = None,
+        log: LogSink | None = None,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._relay = relay
+        self._options = options = options or DriverOptions()
+        self._log_sink = log
+        self._inputs_in, self._inputs = anyio.create_memory_object_stream[_Input](
+            options.input_queue
+        )
+        self._limiter = anyio.CapacityLimiter(options.worker_threads)
+        self._udp: list[socket.socket] = []
+        self._udp_by_family: dict[socket.AddressFamily, socket.socket] = {}
+        self._listeners: list[anyio.abc.SocketListener] = []
+        self._connections: dict[int, _Connection] = {}
+        self._by_peer: dict[Address, int] = {}
+        self._per_ip: Counter[str] = Counter()
+        self._next_ident = 1
+        self._counters: Counter[str] = Counter()
+        self._records_pending = 0
+        self._stopping = False
+        self._hurry = anyio.Event()
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self.addresses: list[Address] = []
+        """The bound (host, port) of each listen address, set once ``serve`` has started."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[list[Address]] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, serve until ``shutdown()`` (or SIGINT/SIGTERM) has run its course, close."""
+        await self._bind()
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                for sock in self._udp:
+                    tasks.start_soon(self._receive_udp, sock)
+                for listener in self._listeners:
+                    tasks.start_soon(self._accept_tcp, listener)
+                if self._relay is not None:
+                    tasks.start_soon(self._poll_relay)
+                if self._options.handle_signals:
+                    tasks.start_soon(self._watch_signals)
+                tasks.start_soon(self._run_engine)
+                self._note("info", "driver.listening", addresses=_format(self.addresses))
+                task_status.started(self.addresses)
+        finally:
+            for sock in self._udp:
+                sock.close()
+            for listener in self._listeners:
+                await anyio.aclose_forcefully(listener)
+            self._note("info", "driver.stopped", **self.stats())
+
+    def shutdown(self) -> None:
+        """Graceful stop: new calls refused, running calls given ``grace_period``, then
+        ended; a second call ends every call at once."""
+        if self._stopping:
+            self._hurry.set()
+            return
+        self._stopping = True
+        if self._tasks is not None:
+            self._tasks.start_soon(self._shut_down)
+
+    def stats(self) -> dict[str, int]:
+        """Driver counters (datagrams, drops, connections, engine bugs, store retries ...)."""
+        figures = dict(self._counters)
+        figures["tcp_connections"] = len(self._connections)
+        figures["records_pending"] = self._records_pending
+        return figures
+
+    async def _shut_down(self) -> None:
+        options = self._options
+        self._note("info", "server.stopping", active_calls=self._engine.active_calls)
+        await self._submit(self._engine.stop_accepting, "stop_accepting", wait=True)
+        with anyio.move_on_after(options.grace_period):
+            while self._engine.active_calls > 0 and not self._hurry.is_set():
+                with anyio.move_on_after(0.1):
+                    await self._hurry.wait()
+        await self._submit(self._engine.end_all_calls, "end_all_calls", wait=True)
+        with anyio.move_on_after(options.drain_period):
+            while not (self._engine.idle and self._records_pending == 0):
+                await anyio.sleep(0.05)
+        assert self._tasks is not None
+        self._tasks.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self._note("info", "server.signal", signal=signal.Signals(signum).name)
+                self.shutdown()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _run_engine(self) -> None:
+        engine = self._engine
+        deadline = engine.next_timer()
+        timer_at = _loop_deadline(deadline)
+        while True:
+            item: _Input | None = None
+            with anyio.CancelScope(deadline=timer_at):
+                item = await self._inputs.receive()
+            now, wall = time.monotonic(), time.time()
+            if item is None:
+                item = _Input(engine.handle_timer, "timer")
+                if deadline is not None:
+                    now = max(now, deadline)
+            actions = self._feed(item, now, wall)
+            if actions is not None:
+                self._perform(actions)
+            if item.done is not None:
+                item.done.set()
+            next_deadline = self._next_timer(deadline)
+            if next_deadline != deadline:
+                deadline, timer_at = next_deadline, _loop_deadline(next_deadline)
+            elif actions is None and item.what == "timer":
+                timer_at = anyio.current_time() + _TIMER_BUG_BACKOFF
+
+    def _feed(self, item: _Input, now: float, wall: float) -> Sequence[Action] | None:
+        """Call the engine; an exception escaping it is a bug: logged with a hash of the
+        input, counted, and the server goes on (STYLE.md §6). None marks that case."""
+        try:
+            return item.feed(now=now, wall=wall)
+        except Exception as exc:
+            self._counters["engine_bugs"] += 1
+            self._note(
+                "error",
+                "engine.bug",
+                input=item.what,
+                input_sha256=hashlib.sha256(item.data).hexdigest()[:16],
+                input_bytes=len(item.data),
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
+            return None
+
+    def _next_timer(self, previous: float | None) -> float | None:
+        try:
+            return self._engine.next_timer()
+        except Exception as exc:
+            self._feed(_Input(_raise(exc), "next_timer"), 0.0, 0.0)
+            return previous
+
+    async def _submit(
+        self, feed: Callable[..., Sequence[Action]], what: str, *, wait: bool = False
+    ) -> None:
+        """Queue an input for the loop (from a task; waits for room, and with ``wait``
+        until the loop has fed it and performed the actions it returned)."""
+        done = anyio.Event() if wait else None
+        await self._inputs_in.send(_Input(feed, what, done=done))
+        if done is not None:
+            await done.wait()
+
+    def _submit_soon(self, feed: Callable[..., Sequence[Action]], what: str) -> None:
+        """Queue an input from synchronous code: at once if there is room, else from a task."""
+        try:
+            self._inputs_in.send_nowait(_Input(feed, what))
+        except anyio.WouldBlock:
+            self._start(self._submit, feed, what)
+
+    def _perform(self, actions: Sequence[Action]) -> None:
+        """Perform actions in order; nothing here waits on the network or a back-end."""
+        for index, action in enumerate(actions):
+            match action:
+                case Send():
+                    self._send(action)
+                case CloseConnection():
+                    self._close_connection(action.connection, action.reason)
+                case LookupAccount():
+                    self._start(self._lookup_account, action)
+                case AllocateMedia():
+                    self._start(self._allocate_media, action)
+                case UpdateMedia():
+                    self._start(self._update_media, action)
+                case ReleaseMedia():
+                    self._start(self._release_media, action)
+                case CallRecord():
+                    # Durability: what follows a record in the same list (typically the
+                    # answer to a BYE) is performed only once the store has the record.
+                    self._start(self._write_record, action, actions[index + 1 :])
+                    return
+                case Log():
+                    self._emit(action)
+                case _:
+                    assert_never(action)
+
+    def _start(self, func: Callable[..., Any], *args: Any) -> None:
+        assert self._tasks is not None
+        self._tasks.start_soon(func, *args)
+
+    # -- UDP ---------------------------------------------------------------------------------
+
+    async def _receive_udp(self, sock: socket.socket) -> None:
+        engine, options = self._engine, self._options
+        while True:
+            await anyio.wait_readable(sock)
+            for _ in range(options.udp_batch):
+                try:
+                    data, source = sock.recvfrom(options.max_datagram)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    # Linux reports some ICMP errors on the next receive; they name no request.
+                    self._counters["udp_receive_errors"] += 1
+                    self._note("debug", "udp.receive_error", error=repr(exc))
+                    continue
+                self._counters["udp_received"] += 1
+                peer = (source[0], source[1])
+                feed = partial(engine.receive, data, source=peer, transport=Transport.UDP)
+                try:
+                    self._inputs_in.send_nowait(_Input(feed, "udp", data))
+                except anyio.WouldBlock:
+                    self._dropped("udp_dropped", "udp.queue_full", peer)
+
+    def _send_udp(self, action: Send) -> None:
+        host, port = action.destination
+        sock = self._udp_by_family.get(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        if sock is None:
+            self._transport_failed(action, "no UDP socket of that address family")
+            return
+        try:
+            sock.sendto(action.data, (host, port))
+        except BlockingIOError:
+            # The kernel's send buffer is full: as good as lost on the wire, and SIP's
+            # retransmissions (§17.1.1.2) are built for exactly that.
+            self._dropped("udp_send_dropped", "udp.send_buffer_full", action.destination)
+            return
+        except OSError as exc:
+            self._transport_failed(action, repr(exc))
+            return
+        self._counters["udp_sent"] += 1
+
+    # -- TCP ---------------------------------------------------------------------------------
+
+    async def _accept_tcp(self, listener: anyio.abc.SocketListener) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except (OSError, anyio.BrokenResourceError) as exc:
+                # Out of descriptors (EMFILE) and the like: wait a little, keep listening.
+                self._counters["tcp_accept_errors"] += 1
+                self._note("warning", "tcp.accept_failed", error=repr(exc))
+                await anyio.sleep(0.1)
+                continue
+            self._start(self._serve_accepted, stream)
+
+    async def _serve_accepted(self, stream: anyio.abc.SocketStream) -> None:
+        peer = _address(stream.extra(anyio.abc.SocketAttribute.remote_address))
+        options = self._options
+        if len(self._connections) >= options.max_tcp_connections:
+            refusal = "too many connections"
+        elif self._per_ip[peer[0]] >= options.max_tcp_per_ip:
+            refusal = "too many connections from this address"
+        else:
+            refusal = ""
+        if refusal:
+            self._counters["tcp_refused"] += 1
+            self._note("warning", "tcp.refused", peer=_format([peer]), reason=refusal)
+            await anyio.aclose_forcefully(stream)
+            return
+        self._counters["tcp_accepted"] += 1
+        await self._run_connection(self._new_connection(peer, accepted=True), stream)
+
+    async def _connect_tcp(self, conn: _Connection) -> None:
+        stream: anyio.abc.SocketStream | None = None
+        try:
+            with conn.scope, anyio.fail_after(self._options.tcp_connect_timeout):
+                stream = await anyio.connect_tcp(*conn.peer)
+        except (OSError, TimeoutError) as exc:
+            self._forget(conn)
+            self._note("warning", "tcp.connect_failed", peer=_format([conn.peer]), error=repr(exc))
+            await self._submit(
+                partial(self._engine.transport_failed, conn.peer, Transport.TCP), "transport_failed"
+            )
+            return
+        if stream is None or conn.scope.cancel_called:  # closed by the engine meanwhile
+            if stream is not None:
+                await anyio.aclose_forcefully(stream)
+            self._forget(conn)
+            return
+        conn.scope = anyio.CancelScope()
+        self._counters["tcp_connected"] += 1
+        await self._run_connection(conn, stream)
+
+    async def _run_connection(self, conn: _Connection, stream: anyio.abc.SocketStream) -> None:
+        """Read into the engine and write what it queues, until either side ends it."""
+        try:
+            with conn.scope:
+                async with stream, anyio.create_task_group() as tasks:
+                    tasks.start_soon(self._write_connection, conn, stream)
+                    conn.reason = await self._read_connection(conn, stream)
+                    tasks.cancel_scope.cancel()
+        finally:
+            self._forget(conn)
+            self._note("debug", "tcp.closed", peer=_format([conn.peer]), reason=conn.reason)
+            self._submit_soon(
+                partial(self._engine.connection_closed, conn.ident), "connection_closed"
+            )
+
+    async def _read_connection(self, conn: _Connection, stream: anyio.abc.SocketStream) -> str:
+        engine, options = self._engine, self._options
+        while True:
+            with anyio.move_on_after(options.tcp_idle_timeout) as idle:
+                try:
+                    chunk = await stream.receive(options.tcp_read_size)
+                except anyio.EndOfStream:
+                    return "closed by peer"
+                except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                    return f"broken: {exc!r}"
+            if idle.cancelled_caught:
+                self._counters["tcp_closed_idle"] += 1
+                return "idle"
+            feed = partial(
+                engine.receive,
+                chunk,
+                source=conn.peer,
+                transport=Transport.TCP,
+                connection=conn.ident,
+            )
+            await self._inputs_in.send(_Input(feed, "tcp", chunk))
+
+    async def _write_connection(self, conn: _Connection, stream: anyio.abc.SocketStream) -> None:
+        try:
+            async for data in conn.outgoing:
+                await stream.send(data)
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            conn.reason = f"write failed: {exc!r}"
+        conn.scope.cancel()  # the engine closed it, or the write failed: reading ends too
+
+    def _send_tcp(self, action: Send) -> None:
+        if action.connection is not None:
+            conn = self._connections.get(action.connection)
+            if conn is None:
+                self._dropped("tcp_send_no_connection", "tcp.connection_gone", action.destination)
+                return
+        else:
+            ident = self._by_peer.get(action.destination)
+            conn = self._connections.get(ident) if ident is not None else None
+            if conn is None:
+                if len(self._connections) >= self._options.max_tcp_connections:
+                    self._transport_failed(action, "too many connections")
+                    return
+                conn = self._new_connection(action.destination, accepted=False)
+                self._start(self._connect_tcp, conn)
+        try:
+            conn.outgoing_in.send_nowait(action.data)
+        except anyio.WouldBlock:
+            # The peer reads slower than we write: better to close than to buffer forever.
+            conn.reason = "peer not reading"
+            self._dropped("tcp_slow_peer", "tcp.slow_peer", conn.peer)
+            conn.scope.cancel()
+            return
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._dropped("tcp_send_no_connection", "tcp.connection_gone", action.destination)
+            return
+        self._counters["tcp_sent"] += 1
+
+    def _close_connection(self, ident: int, reason: str) -> None:
+        """Close once what is queued has been written (the answer that explains the close),
+        but no later than ``_CLOSE_FLUSH`` seconds from now."""
+        conn = self._connections.get(ident)
+        if conn is not None:
+            conn.reason = reason
+            conn.outgoing_in.close()
+            conn.scope.deadline = min(conn.scope.deadline, anyio.current_time() + _CLOSE_FLUSH)
+
+    def _new_connection(self, peer: Address, *, accepted: bool) -> _Connection:
+        outgoing_in, outgoing = anyio.create_memory_object_stream[bytes](
+            self._options.tcp_send_queue
+        )
+        conn = _Connection(self._next_ident, peer, accepted, outgoing_in, outgoing)
+        self._next_ident += 1
+        self._connections[conn.ident] = conn
+        self._by_peer[peer] = conn.ident
+        if accepted:
+            self._per_ip[peer[0]] += 1
+        return conn
+
+    def _forget(self, conn: _Connection) -> None:
+        if self._connections.pop(conn.ident, None) is None:
+            return
+        if self._by_peer.get(conn.peer) == conn.ident:
+            del self._by_peer[conn.peer]
+        if conn.accepted:
+            self._per_ip[conn.peer[0]] -= 1
+            if self._per_ip[conn.peer[0]] <= 0:
+                del self._per_ip[conn.peer[0]]
+        conn.outgoing_in.close()
+
+    # -- performing --------------------------------------------------------------------------
+
+    def _send(self, action: Send) -> None:
+        if action.transport is Transport.UDP:
+            self._send_udp(action)
+        else:
+            self._send_tcp(action)
+
+    def _transport_failed(self, action: Send, error: str) -> None:
+        self._counters["send_failures"] += 1
+        self._note(
+            "warning",
+            "transport.failed",
+            destination=_format([action.destination]),
+            transport=action.transport.value,
+            error=error,
+        )
+        self._submit_soon(
+            partial(self._engine.transport_failed, action.destination, action.transport),
+            "transport_failed",
+        )
+
+    async def _lookup_account(self, action: LookupAccount) -> None:
+        engine = self._engine
+        try:
+            account = await self._in_thread(
+                self._options.store_timeout, self._store.get_account, action.username
+            )
+        except Exception as exc:
+            self._backend_failed("store", "get_account", exc)
+            await self._submit(partial(engine.account_unavailable, action.token), "account")
+            return
+        await self._submit(partial(engine.account_found, action.token, account), "account")
+
+    async def _allocate_media(self, action: AllocateMedia) -> None:
+        engine, relay = self._engine, self._relay
+        try:
+            if relay is None:
+                raise MediaUnavailable("no media relay configured")
+            allocate = partial(
+                relay.allocate, action.call_ref, a_peer=action.a_peer, echo=action.echo
+            )
+            allocation = await self._in_thread(self._options.relay_timeout, allocate)
+        except Exception as exc:
+            self._backend_failed("relay", "allocate", exc)
+            reason = str(exc) or type(exc).__name__
+            await self._submit(partial(engine.media_failed, action.token, reason), "media")
+            return
+        await self._submit(partial(engine.media_allocated, action.token, allocation), "media")
+
+    async def _update_media(self, action: UpdateMedia) -> None:
+        if self._relay is None:
+            return
+        update = partial(
+            self._relay.update, action.call_ref, a_peer=action.a_peer, b_peer=action.b_peer
+        )
+        try:
+            await self._in_thread(self._options.relay_timeout, update)
+        except Exception as exc:
+            self._backend_failed("relay", "update", exc)
+
+    async def _release_media(self, action: ReleaseMedia) -> None:
+        if self._relay is None:
+            return
+        try:
+            a_leg, b_leg = await self._in_thread(
+                self._options.relay_timeout, self._relay.release, action.call_ref
+            )
+        except Exception as exc:
+            self._backend_failed("relay", "release", exc)
+            return
+        await self._store_write(
+            "media_stats", partial(self._store.attach_media_stats, action.call_ref, a_leg, b_leg)
+        )
+
+    async def _write_record(self, action: CallRecord, then: Sequence[Action]) -> None:
+        self._records_pending += 1
+        written = False
+        try:
+            written = await self._store_write(
+                "record", partial(self._store.write_call_record, action.record)
+            )
+        finally:
+            self._records_pending -= 1
+            if not written:
+                # Cancelled at exit with the store still failing: the record goes to the log
+                # whole, so an operator can replay it; it is never dropped silently.
+                self._note(
+                    "error",
+                    "record.unwritten",
+                    call_ref=action.record.call_ref,
+                    record=json.dumps(attrs.asdict(action.record), default=str),
+                )
+        self._perform(then)
+
+    async def _store_write(self, what: str, write: Callable[[], None]) -> bool:
+        """Write until the store takes it, backing off up to ``record_retry_max`` (cancellable)."""
+        delay = 0.2
+        for attempt in itertools.count(1):
+            try:
+                await self._in_thread(self._options.store_timeout, write)
+            except Exception as exc:
+                self._counters["store_write_retries"] += 1
+                self._backend_failed("store", what, exc, attempt=attempt)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self._options.record_retry_max)
+                continue
+            break
+        return True
+
+    async def _in_thread(self, timeout: float, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking back-end call in a worker thread; TimeoutError past ``timeout``
+        (the thread is abandoned; it holds its limiter slot until it returns)."""
+        with anyio.fail_after(timeout):
+            return await anyio.to_thread.run_sync(
+                func, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
+
+    def _backend_failed(self, backend: str, what: str, exc: Exception, **fields: int) -> None:
+        expected = isinstance(exc, StoreUnavailable | MediaUnavailable | TimeoutError)
+        self._counters[f"{backend}_errors"] += 1
+        self._note(
+            "warning" if expected else "error",
+            f"{backend}.failed",
+            operation=what,
+            error=repr(exc) if not isinstance(exc, TimeoutError) else "deadline passed",
+            **fields,
+        )
+
+    async def _poll_relay(self) -> None:
+        """Calls the relay ended on its own (media timeout, shard lost) → ``media_ended``."""
+        assert self._relay is not None
+        while True:
+            await anyio.sleep(self._options.expire_poll)
+            try:
+                ended = await self._in_thread(self._options.relay_timeout, self._relay.expired)
+            except Exception as exc:
+                self._backend_failed("relay", "expired", exc)
+                continue
+            for call_ref, reason in ended:
+                await self._submit(partial(self._engine.media_ended, call_ref, reason), "media")
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _emit(self, entry: Log) -> None:
+        if self._log_sink is not None:
+            self._log_sink(entry)
+
+    def _note(self, level: str, event: str, **fields: str | int | float | None) -> None:
+        if self._log_sink is not None:
+            self._log_sink(Log(level=level, event=event, fields=tuple(fields.items())))
+
+    def _dropped(self, counter: str, event: str, peer: Address) -> None:
+        """Count a drop; log the first and then every 1,000th, so a flood cannot flood the log."""
+        self._counters[counter] += 1
+        count = self._counters[counter]
+        if count == 1 or count % 1000 == 0:
+            self._note("warning", event, peer=_format([peer]), count=count)
+
+    # -- binding -----------------------------------------------------------------------------
+
+    async def _bind(self) -> None:
+        """UDP and TCP on the same port of each listen address (port 0: one free for both)."""
+        for host, port in self._options.listen:
+            for _attempt in range(20):
+                udp = _bind_udp(host, port, self._options.udp_receive_buffer)
+                bound = udp.getsockname()[1]
+                try:
+                    listener = await anyio.create_tcp_listener(local_host=host, local_port=bound)
+                except OSError:
+                    udp.close()
+                    if port == 0:
+                        continue  # the free UDP port was taken for TCP: try another
+                    raise
+                break
+            else:
+                raise OSError(f"no port free for both UDP and TCP on {host}")
+            # Datagrams leave from the first listen address of their family (see docs).
+            self._udp_by_family.setdefault(udp.family, udp)
+            self._udp.append(udp)
+            self._listeners.extend(
+                each for each in listener.listeners if isinstance(each, anyio.abc.SocketListener)
+            )
+            self.addresses.append((host, bound))
+
+
+def _bind_udp(host: str, port: int, receive_buffer: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Bursts wait in the kernel while the loop works; the kernel caps this at rmem_max.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _raise(exc: Exception) -> Callable[..., Sequence[Action]]:
+    """An input that re-raises ``exc``, so a bug outside a feed is reported like one inside."""
+
+    def feed(**_clock: float) -> Sequence[Action]:
+        raise exc
+
+    return feed
+
+
+def _loop_deadline(deadline: float | None) -> float:
+    """A monotonic engine deadline on the event loop's clock (trio's clock has its own offset)."""
+    if deadline is None:
+        return math.inf
+    return anyio.current_time() + (deadline - time.monotonic())
+
+
+def _address(sockaddr: Any) -> Address:
+    return (str(sockaddr[0]), int(sockaddr[1]))
+
+
+def _format(addresses: Sequence[Address]) -> str:
+    return " ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+
+
+def serve(
+    engine: DrivenEngine,
+    *,
+    store: AccountStore,
+    relay: MediaRelay | None,
+    options: DriverOptions | None = None,
+    log: LogSink | None = None,
+    backend: str = "asyncio",
+) -> None:
+    """Run a ``Server`` until signalled (blocking): asyncio (with uvloop when installed) or trio."""
+    backend_options: dict[str, Any] = {}
+    if backend == "asyncio" and importlib.util.find_spec("uvloop") is not None:
+        backend_options["use_uvloop"] = True
+    server = Server(engine, store=store, relay=relay, options=options, log=log)
+    anyio.run(server.serve, backend=backend, backend_options=backend_options)

@@ -1,0 +1,327 @@
+"""Driver mechanics, the same tests for every driver, with a fake engine (tests/unit/driver_fakes.py).
+
+Each test starts a driver in a background thread on a free loopback port,
+talks to it with plain blocking sockets (every wait has a timeout) and stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio.from_thread
+import pytest
+from driver_fakes import FakeEngine, FakeRelay, FakeStore
+
+import io_anyio
+from sansio_sip import Log, Transport
+
+DRIVERS = ["anyio-asyncio", "anyio-trio"]
+WAIT = 5.0  # upper bound of every wait; never an assertion about speed
+
+
+class Running:
+    """A driver serving a FakeEngine, and what the test needs to poke it."""
+
+    def __init__(self, engine: FakeEngine, store: FakeStore, relay: FakeRelay) -> None:
+        self.engine, self.store, self.relay = engine, store, relay
+        self.logs: list[Log] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.server: Any = None
+        self.stop_server: Any = None
+        self.done = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.addresses[0]
+
+    def events(self, name: str) -> list[Log]:
+        return [entry for entry in list(self.logs) if entry.event == name]
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.server.stats())
+
+
+@contextlib.contextmanager
+def running(driver: str, listen: str = "127.0.0.1", **options: Any) -> Iterator[Running]:
+    run = Running(FakeEngine(), FakeStore(), FakeRelay())
+    settings = {"listen": ((listen, 0),), "handle_signals": False, **options}
+    if driver.startswith("anyio-"):
+        server = io_anyio.Server(
+            run.engine,
+            store=run.store,
+            relay=run.relay,
+            options=io_anyio.DriverOptions(**settings),
+            log=run.logs.append,
+        )
+        run.server = server
+        with anyio.from_thread.start_blocking_portal(driver.removeprefix("anyio-")) as portal:
+            future, run.addresses = portal.start_task(server.serve)
+            run.stop_server = lambda: portal.call(server.shutdown)
+            future.add_done_callback(lambda _f: run.done.set())
+            try:
+                yield run
+            finally:
+                if not run.done.is_set():
+                    portal.call(server.shutdown)
+                future.result(timeout=WAIT + 30)
+    else:
+        raise ValueError(driver)
+
+
+def udp_client(run: Running) -> socket.socket:
+    host = run.address[0]
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(WAIT)
+    sock.connect(run.address)
+    return sock
+
+
+def ask(sock: socket.socket, data: bytes) -> bytes:
+    sock.send(data)
+    return sock.recv(65535)
+
+
+def tcp_client(run: Running) -> socket.socket:
+    sock = socket.create_connection(run.address, timeout=WAIT)
+    return sock
+
+
+def read_lines(sock: socket.socket, count: int) -> list[bytes]:
+    data = b""
+    while data.count(b"\n") < count:
+        chunk = sock.recv(65535)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n")[:count]
+
+
+def wait_for(predicate: Any, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_udp_datagram_in_and_reply_out(driver: str) -> None:
+    with running(driver) as run, udp_client(run) as client:
+        assert ask(client, b"ECHO hello") == b"hello"
+        kind, (data, source, transport, connection) = run.engine.calls[0]  # type: ignore[misc]
+        assert (kind, data, transport, connection) == (
+            "receive",
+            b"ECHO hello",
+            Transport.UDP,
+            None,
+        )
+        assert source == client.getsockname()[:2]
+
+
+def test_ipv6_listen_address(driver: str) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 on this host")
+    with running(driver, listen="::1") as run, udp_client(run) as client:
+        assert ask(client, b"ECHO six") == b"six"
+        with socket.create_connection(run.address, timeout=WAIT) as stream:
+            stream.sendall(b"ECHO over tcp\n")
+            assert read_lines(stream, 1) == [b"over tcp"]
+
+
+def test_tcp_stream_chunks_keep_their_order_and_connection_id(driver: str) -> None:
+    with running(driver) as run:
+        with tcp_client(run) as client:
+            for piece in (b"EC", b"HO hel", b"lo\nECHO t", b"wo\n"):
+                client.sendall(piece)
+                time.sleep(0.02)
+            assert read_lines(client, 2) == [b"hello", b"two"]
+            idents = {call[1][3] for call in run.engine.calls}  # type: ignore[index]
+            assert len(idents) == 1 and None not in idents
+            (ident,) = idents
+        assert wait_for(lambda: ident in run.engine.closed)
+
+
+def test_each_connection_has_its_own_id(driver: str) -> None:
+    with running(driver) as run, tcp_client(run) as first, tcp_client(run) as second:
+        first.sendall(b"ECHO one\n")
+        second.sendall(b"ECHO two\n")
+        assert read_lines(first, 1) == [b"one"]
+        assert read_lines(second, 1) == [b"two"]
+        idents = {call[1][3] for call in run.engine.calls}  # type: ignore[index]
+        assert len(idents) == 2
+
+
+def test_engine_close_connection_closes_the_socket(driver: str) -> None:
+    with running(driver) as run, tcp_client(run) as client:
+        client.sendall(b"ECHO x\nCLOSE\n")
+        assert read_lines(client, 1) == [b"x"]
+        assert client.recv(100) == b""  # end of stream
+        assert wait_for(lambda: len(run.engine.closed) == 1)
+
+
+def test_timer_fires_at_its_deadline_never_before(driver: str) -> None:
+    with running(driver) as run, udp_client(run) as client:
+        client.send(b"TIMER 0.2")
+        reply = client.recv(100)
+        assert reply.startswith(b"FIRED ")
+        assert float(reply.split()[1]) >= 0.0  # now passed in is never before the deadline
+        ((now, deadline),) = run.engine.fired
+        assert now >= deadline
+
+
+def test_account_lookup_found_unknown_and_unavailable(driver: str) -> None:
+    with running(driver, store_timeout=0.3) as run, udp_client(run) as client:
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        assert ask(client, b"LOOKUP mallory") == b"NONE"
+        run.store.unavailable = True
+        assert ask(client, b"LOOKUP alice") == b"UNAVAILABLE"
+        assert run.events("store.failed")
+
+
+def test_slow_store_past_its_deadline_is_unavailable_and_loop_keeps_serving(driver: str) -> None:
+    with running(driver, store_timeout=0.3) as run, udp_client(run) as client:
+        run.store.delay = 1.0
+        client.send(b"LOOKUP alice")
+        time.sleep(0.05)
+        client.send(b"ECHO meanwhile")
+        assert client.recv(100) == b"meanwhile"
+        assert client.recv(100) == b"UNAVAILABLE"
+
+
+def test_call_record_written_before_the_following_send(driver: str) -> None:
+    with running(driver) as run, udp_client(run) as client:
+        run.store.delay = 0.3
+        client.send(b"RECORD")
+        time.sleep(0.05)
+        client.send(b"ECHO not stalled")
+        assert client.recv(100) == b"not stalled"
+        assert client.recv(100) == b"AFTER-RECORD"
+        received = time.monotonic()
+        ((written, record),) = run.store.records
+        assert written <= received and record.call_ref == "call-1"
+
+
+def test_failed_record_write_is_retried_and_logged(driver: str) -> None:
+    with running(driver) as run, udp_client(run) as client:
+        run.store.write_failures = 2
+        assert ask(client, b"RECORD") == b"AFTER-RECORD"
+        assert len(run.store.records) == 1
+        assert run.stats()["store_write_retries"] == 2
+        assert len(run.events("store.failed")) == 2
+
+
+def test_engine_bug_is_logged_with_input_hash_and_serving_goes_on(driver: str) -> None:
+    with running(driver) as run, udp_client(run) as client:
+        client.send(b"BUG")
+        assert ask(client, b"ECHO alive") == b"alive"
+        (bug,) = run.events("engine.bug")
+        fields = bug.as_dict()
+        assert fields["input_sha256"] == hashlib.sha256(b"BUG").hexdigest()[:16]
+        assert "fake engine bug" in str(fields["error"])
+        assert run.stats()["engine_bugs"] == 1
+
+
+def test_media_allocation_failure_release_and_expiry(driver: str) -> None:
+    with running(driver, expire_poll=0.05) as run, udp_client(run) as client:
+        assert ask(client, b"ALLOC") == b"ALLOCATED 20000"
+        run.relay.unavailable = True
+        assert ask(client, b"ALLOC") == b"MEDIA-FAILED ports exhausted"
+        client.send(b"RELEASE call-9")
+        assert wait_for(lambda: run.store.stats)
+        ((call_ref, a_leg, b_leg),) = run.store.stats
+        assert (call_ref, a_leg and a_leg.packets_in, b_leg and b_leg.packets_in) == (
+            "call-9",
+            5,
+            7,
+        )
+        with run.relay.lock:
+            run.relay.ended.append(("call-7", "media-timeout"))
+        assert wait_for(lambda: run.engine.media_ended_calls == [("call-7", "media-timeout")])
+
+
+def test_tcp_send_without_connection_opens_one_and_reuses_it(driver: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as peer, running(driver) as run:
+        peer.settimeout(WAIT)
+        port = peer.getsockname()[1]
+        with udp_client(run) as client:
+            client.send(b"TCPOUT %d first" % port)
+            conn, _ = peer.accept()
+            conn.settimeout(WAIT)
+            client.send(b"TCPOUT %d second" % port)
+            assert read_lines(conn, 2) == [b"first", b"second"]
+            # What the peer sends back on that connection reaches the engine with its id.
+            conn.sendall(b"ECHO back\n")
+            assert read_lines(conn, 1) == [b"back"]
+            tcp_calls = [c for c in run.engine.calls if c[1][2] is Transport.TCP]  # type: ignore[index]
+            assert tcp_calls and tcp_calls[0][1][3] is not None  # type: ignore[index]
+            conn.close()
+
+
+def test_tcp_connect_failure_is_reported_to_the_engine(driver: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with running(driver) as run, udp_client(run) as client:
+        assert ask(client, b"TCPOUT %d lost" % closed_port) == b"FAILED %d" % closed_port
+        assert run.engine.failed == [(("127.0.0.1", closed_port), Transport.TCP)]
+
+
+def test_udp_input_beyond_the_queue_bound_is_dropped_and_counted(driver: str) -> None:
+    with running(driver, input_queue=4, udp_batch=1000) as run, udp_client(run) as client:
+        client.send(b"SLOW 0.5")
+        time.sleep(0.1)
+        for index in range(200):
+            client.send(b"ECHO %d" % index)
+        assert wait_for(lambda: run.stats().get("udp_dropped", 0) > 0)
+        assert ask(client, b"ECHO after") in {b"after", *(b"%d" % i for i in range(200))}
+        assert run.events("udp.queue_full")
+
+
+def test_tcp_connections_per_address_are_limited(driver: str) -> None:
+    with running(driver, max_tcp_per_ip=2) as run, tcp_client(run) as one, tcp_client(run) as two:
+        one.sendall(b"ECHO 1\n")
+        two.sendall(b"ECHO 2\n")
+        assert read_lines(one, 1) == [b"1"] and read_lines(two, 1) == [b"2"]
+        with tcp_client(run) as three:
+            assert three.recv(100) == b""
+        assert run.stats()["tcp_refused"] == 1
+
+
+def test_idle_tcp_connection_is_closed(driver: str) -> None:
+    with running(driver, tcp_idle_timeout=0.2) as run, tcp_client(run) as client:
+        client.sendall(b"ECHO x\n")
+        assert read_lines(client, 1) == [b"x"]
+        assert client.recv(100) == b""
+        assert wait_for(lambda: run.stats().get("tcp_closed_idle") == 1)
+
+
+def test_graceful_shutdown_waits_for_calls_then_ends_them(driver: str) -> None:
+    with running(driver, grace_period=0.3) as run, udp_client(run) as client:
+        assert ask(client, b"CALL") == b"CALLS 1"
+        run.stop_server()
+        assert run.done.wait(WAIT)
+        assert not run.engine.accepting and run.engine.ended_all
+        assert run.events("fake.stop_accepting") and run.events("driver.stopped")
+
+
+def test_shutdown_without_calls_does_not_wait_for_the_grace_period(driver: str) -> None:
+    with running(driver, grace_period=60.0) as run:
+        run.stop_server()
+        assert run.done.wait(WAIT)
+        assert run.engine.ended_all
