@@ -1,0 +1,842 @@
+"""The operator's store: accounts, routes and call records in one SQLite file.
+
+``Store`` implements ``sansio_sip.AccountStore`` for the drivers and the
+queries and edits behind ``kx-sipd accounts|routes|calls``.
+
+Theory of operation:
+
+* **One file, versioned schema** (``_schema.py``), WAL journal so readers never
+  wait for the writer. Credentials are stored as HA1 (MD5 and SHA-256) for the
+  database's realm, never as passwords; the realm is therefore a property of
+  the file, fixed when it is created, and opening it for another realm raises
+  ``RealmMismatch``. The nonce secret is made once (``os.urandom(32)``) and
+  stored, so every process and host using the file signs nonces alike.
+* **Durability.** ``synchronous=FULL`` by default: in WAL mode a commit is
+  fsynced before ``write_call_record`` returns, so a record survives a
+  process kill *and* a power cut. ``synchronous="NORMAL"`` skips that fsync:
+  still safe against a killed process (the WAL is in the OS page cache), but a
+  power loss may drop the commits since the last checkpoint.
+* **Failures.** ``busy_timeout`` is 200 ms, so a locked file becomes
+  ``StoreUnavailable`` (503 for the caller) quickly instead of stalling the
+  server. Every sqlite3 error on the serving path is turned into
+  ``StoreUnavailable``; the failing connection is closed and the next call
+  opens a new one, so the server recovers as soon as the file does. A
+  connection re-opened later never creates the file: a deleted database must
+  answer 503, not "unknown user" from a fresh empty one.
+* **Threads.** One connection per thread (``threading.local``): the AnyIO
+  driver calls from worker threads, the socket driver from its loop.
+* **Account cache.** ``get_account`` is on the hot path (every REGISTER and
+  INVITE). Accounts are cached in memory; before each look-up the thread's
+  connection reads ``PRAGMA data_version``, which changes when any *other*
+  connection committed. Only then is the ``generation`` counter (bumped by
+  triggers on accounts and routes) read, and the cache dropped if it moved;
+  so a password changed by the CLI in another process is seen by the very
+  next request, and call-record writes do not flush the cache.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from sansio_sip import (
+    Account,
+    CallRecordData,
+    LadderEntry,
+    MediaStats,
+    Route,
+    StoreUnavailable,
+    Transport,
+    compute_ha1,
+)
+
+from ._schema import SCHEMA_VERSION, SchemaTooNew, migrate
+from .settings import DEFAULT_REALM
+
+__all__ = [
+    "ECHO_ROUTE",
+    "AccountInfo",
+    "CallEntry",
+    "Conflict",
+    "NotFound",
+    "RealmMismatch",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "compute_ha1",
+]
+
+ECHO_ROUTE: Final = "echo"
+"""The built-in route answered by kx-sipd itself (the echo test)."""
+
+BUSY_TIMEOUT: Final = 0.2
+"""Seconds to wait for a lock before giving up: long enough to ride out a
+checkpoint or a CLI edit, short enough that a stuck lock becomes a prompt 503."""
+
+_CACHE_LIMIT: Final = 50_000
+"""Cached look-ups (unknown usernames included, which an attacker chooses).
+Past it the cache is dropped whole: simple, bounded, and it refills itself."""
+
+_USERNAME = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/]{1,64}")
+"""RFC 3261 §25.1 ``user`` characters (unreserved and user-unreserved), no escapes."""
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DIGITS = re.compile(r"[0-9]{1,32}")
+_DIAL_PREFIX = re.compile(r"[0-9+*#]{0,32}")
+_CALLER_ID = re.compile(r"\+?[0-9]{1,32}")
+_REALM = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
+"""Printable ASCII without '"' and '\\': it is sent as a quoted-string."""
+
+
+class StoreError(Exception):
+    """An operator's request the store refuses (bad value, missing or
+    conflicting row). The message is meant for the operator as it is."""
+
+
+class RealmMismatch(StoreError):
+    """The database was made for another realm than the one asked for."""
+
+
+class NotFound(StoreError):
+    """No such account, route or call."""
+
+
+class Conflict(StoreError):
+    """The change would clash with existing data (duplicate, route in use...)."""
+
+
+@attrs.frozen(kw_only=True)
+class AccountInfo:
+    """An account as the operator sees it (never its HA1)."""
+
+    username: str
+    status: str
+    route: str | None
+    allowed_prefixes: tuple[str, ...]
+    max_calls: int | None
+    max_cps: float | None
+    caller_id: str | None
+    allowed_sources: tuple[str, ...]
+    created: float
+    updated: float
+
+
+@attrs.frozen(kw_only=True)
+class CallEntry:
+    """A stored call record with the relay's per-leg figures, when they came."""
+
+    record: CallRecordData
+    a_media: MediaStats | None = None
+    b_media: MediaStats | None = None
+
+
+class _Unset:
+    """Marks an ``update_account`` argument the caller did not give."""
+
+
+UNSET: Final = _Unset()
+
+
+class _Connection:
+    """A thread's connection and the last ``data_version`` it saw."""
+
+    __slots__ = ("__weakref__", "data_version", "db")
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.data_version: int | None = None
+
+
+class Store:
+    """Accounts, routes and call records in the SQLite file at ``path``.
+
+    ``realm``: the realm to create a new file with (default sip.kx21.com), or
+    the realm an existing file must have (else ``RealmMismatch``). ``create``:
+    make the file when missing (else ``StoreUnavailable``). Raises
+    ``StoreUnavailable`` when the file cannot be opened or read, and
+    ``StoreError`` when its schema is newer than this code.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        realm: str | None = None,
+        create: bool = True,
+        synchronous: str = "FULL",
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be FULL or NORMAL")
+        if realm is not None and not _REALM.fullmatch(realm):
+            raise StoreError(f"invalid realm {realm!r}: printable ASCII without quotes")
+        self.path = os.path.abspath(os.fspath(path))
+        self._synchronous = synchronous
+        self._local = threading.local()
+        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._cache: dict[str, Account | None] = {}
+        self._epoch = 0  # bumped whenever the cache is dropped
+        self._generation: object = None  # the settings' generation the cache matches
+        holder = self._open(create=create)
+        try:
+            if holder.db.execute("PRAGMA journal_mode").fetchall()[0][0] != "wal":
+                holder.db.execute("PRAGMA journal_mode = WAL").fetchall()
+            migrate(holder.db)
+            self.realm, self.nonce_secret = self._init_settings(holder.db, realm)
+        except SchemaTooNew as exc:
+            self._discard(holder)
+            raise StoreError(f"{self.path}: {exc}") from None
+        except sqlite3.Error as exc:
+            self._discard(holder)
+            raise StoreUnavailable(f"{self.path}: {exc}") from exc
+        except StoreError:
+            self._discard(holder)
+            raise
+        self._local.holder = holder
+
+    # -- connections ---------------------------------------------------------
+
+    def _open(self, *, create: bool) -> _Connection:
+        mode = "rwc" if create else "rw"
+        uri = f"file:{urllib.parse.quote(self.path)}?mode={mode}"
+        try:
+            db = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=BUSY_TIMEOUT,
+                isolation_level=None,
+                check_same_thread=False,  # used by one thread; closed by close()
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        holder = _Connection(db)
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        with self._lock:
+            self._connections.add(holder)
+        return holder
+
+    def _connection(self) -> _Connection:
+        holder: _Connection | None = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = self._open(create=False)
+            self._local.holder = holder
+        return holder
+
+    def _discard(self, holder: _Connection) -> None:
+        """Close a connection after an error; this thread opens a new one next time."""
+        if getattr(self._local, "holder", None) is holder:
+            self._local.holder = None
+        with self._lock:
+            self._connections.discard(holder)
+        with suppress(sqlite3.Error):  # it is being discarded because it is broken
+            holder.db.close()
+
+    def _fail(self, holder: _Connection, exc: sqlite3.Error) -> StoreUnavailable:
+        self._discard(holder)
+        return StoreUnavailable(f"{self.path}: {exc}")
+
+    def close(self) -> None:
+        """Close every connection this store opened (in any thread)."""
+        with self._lock:
+            holders = list(self._connections)
+            self._connections.clear()
+        for holder in holders:
+            with suppress(sqlite3.Error):  # closing is best effort
+                holder.db.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        holder = self._connection()
+        try:
+            yield holder.db
+        except sqlite3.Error as exc:
+            raise self._fail(holder, exc) from exc
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it or nothing. This connection's own
+        commits do not change its data_version, so the cache is dropped here."""
+        holder = self._connection()
+        db = holder.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.IntegrityError as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise Conflict(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise self._fail(holder, exc) from exc
+        finally:
+            self._drop_cache()
+
+    def _init_settings(self, db: sqlite3.Connection, realm: str | None) -> tuple[str, bytes]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            insert = "INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)"
+            db.execute(insert, ("realm", realm or DEFAULT_REALM))
+            db.execute(insert, ("nonce_secret", os.urandom(32).hex()))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        rows = dict(db.execute("SELECT name, value FROM settings").fetchall())
+        stored_realm = str(rows["realm"])
+        if realm is not None and realm != stored_realm:
+            raise RealmMismatch(
+                f"{self.path} holds accounts for realm {stored_realm!r}, not {realm!r}; "
+                "the stored credentials (HA1) only work for the realm they were made for: "
+                f"use --realm {stored_realm} or another database"
+            )
+        return stored_realm, bytes.fromhex(str(rows["nonce_secret"]))
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this store migrated the file to."""
+        return SCHEMA_VERSION
+
+    # -- AccountStore --------------------------------------------------------
+
+    def get_account(self, username: str) -> Account | None:
+        """The account (HA1 for the store's realm, route resolved), or None.
+        Raises StoreUnavailable."""
+        holder = self._connection()
+        db = holder.db
+        try:
+            version = db.execute("PRAGMA data_version").fetchall()[0][0]
+            if version != holder.data_version:
+                holder.data_version = version
+                generation = db.execute(
+                    "SELECT value FROM settings WHERE name = 'generation'"
+                ).fetchall()[0][0]
+                with self._lock:
+                    if generation != self._generation:
+                        self._cache.clear()
+                        self._epoch += 1
+                        self._generation = generation
+            with self._lock:
+                epoch = self._epoch
+                if username in self._cache:
+                    return self._cache[username]
+            rows = db.execute(_ACCOUNT_QUERY, (username,)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._fail(holder, exc) from exc
+        account = _account_from_row(rows[0]) if rows else None
+        with self._lock:
+            # A look-up that raced with a cache drop may hold old data: keep it out.
+            if self._epoch == epoch:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[username] = account
+        return account
+
+    def write_call_record(self, record: CallRecordData) -> None:
+        """Insert or update the record (by call_ref); durable when it returns
+        (see the module docs). Raises StoreUnavailable."""
+        values = _record_values(record)
+        try:
+            with self._writing() as db:
+                db.execute(_UPSERT_CALL, values)
+        except Conflict as exc:
+            raise StoreUnavailable(f"call record {record.call_ref} refused: {exc}") from exc
+
+    def attach_media_stats(
+        self, call_ref: str, a_leg: MediaStats | None, b_leg: MediaStats | None
+    ) -> None:
+        """Store the relay's final per-leg figures for a call. Raises StoreUnavailable."""
+        values = (call_ref, _stats_json(a_leg), _stats_json(b_leg), time.time())
+        try:
+            with self._writing() as db:
+                db.execute(
+                    "INSERT INTO call_media (call_ref, a_leg, b_leg, updated_wall) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (call_ref) DO UPDATE SET "
+                    "a_leg = excluded.a_leg, b_leg = excluded.b_leg, "
+                    "updated_wall = excluded.updated_wall",
+                    values,
+                )
+        except Conflict as exc:
+            raise StoreUnavailable(f"media stats of {call_ref} refused: {exc}") from exc
+
+    def _drop_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._epoch += 1
+
+    # -- call records --------------------------------------------------------
+
+    def recover_unfinished(self, now_wall: float) -> int:
+        """Close the records a previous run left open (``end_wall`` NULL): ended
+        by "restart" at the last time the record shows (its last ladder entry,
+        else its answer or start), never later than ``now_wall``. Returns how
+        many. Run once at server start, before taking calls. Raises StoreUnavailable."""
+        with self._writing() as db:
+            rows = db.execute(
+                "SELECT call_ref, start_wall, answer_wall, ladder FROM calls WHERE end_wall IS NULL"
+            ).fetchall()
+            for call_ref, start_wall, answer_wall, ladder_json in rows:
+                last = max(start_wall, answer_wall or start_wall)
+                for entry in _ladder_from_json(ladder_json):
+                    last = max(last, entry.wall)
+                db.execute(
+                    "UPDATE calls SET end_wall = ?, ended_by = 'restart', "
+                    "reason = 'server restarted while the call was up', updated_wall = ? "
+                    "WHERE call_ref = ?",
+                    (min(last, now_wall), now_wall, call_ref),
+                )
+        return len(rows)
+
+    def list_calls(
+        self,
+        *,
+        account: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        call_id: str | None = None,
+        limit: int | None = 100,
+    ) -> list[CallEntry]:
+        """Records, newest first, filtered by account, start time in
+        [since, until), and Call-ID of either leg (or call_ref). Raises StoreUnavailable."""
+        where: list[str] = []
+        params: list[Any] = []
+        if account is not None:
+            where.append("c.account = ?")
+            params.append(account)
+        if since is not None:
+            where.append("c.start_wall >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("c.start_wall < ?")
+            params.append(until)
+        if call_id is not None:
+            where.append("(c.a_call_id = ? OR c.b_call_id = ? OR c.call_ref = ?)")
+            params.extend((call_id, call_id, call_id))
+        sql = _CALL_QUERY
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY c.start_wall DESC, c.call_ref"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
+        with self._reading() as db:
+            rows = db.execute(sql, params).fetchall()
+        return [_call_from_row(row) for row in rows]
+
+    # -- accounts (operator) -------------------------------------------------
+
+    def add_account(
+        self,
+        username: str,
+        password: str,
+        *,
+        route: str | None = None,
+        allowed_prefixes: Sequence[str] = (),
+        max_calls: int | None = None,
+        max_cps: float | None = None,
+        caller_id: str | None = None,
+        allowed_sources: Sequence[str] = (),
+    ) -> AccountInfo:
+        """Create an account. Raises StoreError (bad value, duplicate, unknown
+        route), StoreUnavailable."""
+        _check_username(username)
+        fields = _account_fields(
+            route=route,
+            allowed_prefixes=allowed_prefixes,
+            max_calls=max_calls,
+            max_cps=max_cps,
+            caller_id=caller_id,
+            allowed_sources=allowed_sources,
+        )
+        md5, sha256 = self._ha1s(username, password)
+        now = time.time()
+        with self._writing() as db:
+            if _exists(db, "accounts", "username", username):
+                raise Conflict(f"account {username!r} already exists")
+            _check_route_exists(db, route)
+            db.execute(
+                "INSERT INTO accounts (username, ha1_md5, ha1_sha256, status, route, "
+                "allowed_prefixes, max_calls, max_cps, caller_id, allowed_sources, "
+                "created, updated) VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (username, md5, sha256, *fields.values(), now, now),
+            )
+        return self._require_account(username)
+
+    def update_account(self, username: str, **changes: Any) -> AccountInfo:
+        """Change some of: route, allowed_prefixes, max_calls, max_cps,
+        caller_id, allowed_sources (None clears a limit, the route or the caller
+        ID). Raises StoreError, StoreUnavailable."""
+        unknown = set(changes) - set(_ACCOUNT_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown account fields: {', '.join(sorted(unknown))}")
+        fields = _account_fields(**changes)
+        with self._writing() as db:
+            if not _exists(db, "accounts", "username", username):
+                raise NotFound(f"no account {username!r}")
+            if "route" in fields:
+                _check_route_exists(db, fields["route"])
+            if fields:
+                assignments = ", ".join(f"{name} = ?" for name in fields)
+                db.execute(
+                    f"UPDATE accounts SET {assignments}, updated = ? WHERE username = ?",
+                    (*fields.values(), time.time(), username),
+                )
+        return self._require_account(username)
+
+    def set_password(self, username: str, password: str) -> None:
+        """Replace the account's credentials. Raises StoreError, StoreUnavailable."""
+        md5, sha256 = self._ha1s(username, password)
+        self._update_one(
+            username, "ha1_md5 = ?, ha1_sha256 = ?", (md5, sha256), f"no account {username!r}"
+        )
+
+    def set_active(self, username: str, active: bool) -> None:
+        """Suspend (calls get 403 Unknown user) or resume an account."""
+        status = "active" if active else "suspended"
+        self._update_one(username, "status = ?", (status,), f"no account {username!r}")
+
+    def delete_account(self, username: str) -> None:
+        """Remove an account (its call records stay). Raises NotFound, StoreUnavailable."""
+        with self._writing() as db:
+            if db.execute("DELETE FROM accounts WHERE username = ?", (username,)).rowcount == 0:
+                raise NotFound(f"no account {username!r}")
+
+    def account_info(self, username: str) -> AccountInfo | None:
+        """The operator's view of one account, or None."""
+        with self._reading() as db:
+            rows = db.execute(_INFO_QUERY + " WHERE username = ?", (username,)).fetchall()
+        return _info_from_row(rows[0]) if rows else None
+
+    def list_accounts(self) -> list[AccountInfo]:
+        """Every account, by username."""
+        with self._reading() as db:
+            rows = db.execute(_INFO_QUERY + " ORDER BY username").fetchall()
+        return [_info_from_row(row) for row in rows]
+
+    def _require_account(self, username: str) -> AccountInfo:
+        info = self.account_info(username)
+        if info is None:
+            raise NotFound(f"no account {username!r}")
+        return info
+
+    def _update_one(
+        self, username: str, assignments: str, values: tuple[Any, ...], missing: str
+    ) -> None:
+        with self._writing() as db:
+            cursor = db.execute(
+                f"UPDATE accounts SET {assignments}, updated = ? WHERE username = ?",
+                (*values, time.time(), username),
+            )
+            if cursor.rowcount == 0:
+                raise NotFound(missing)
+
+    def _ha1s(self, username: str, password: str) -> tuple[str, str]:
+        if not password:
+            raise StoreError("the password must not be empty")
+        return (
+            compute_ha1(username, self.realm, password, "MD5"),
+            compute_ha1(username, self.realm, password, "SHA-256"),
+        )
+
+    # -- routes (operator) ---------------------------------------------------
+
+    def put_route(self, route: Route, *, replace: bool = False) -> Route:
+        """Create a route, or with ``replace`` create or change it. The built-in
+        ``echo`` route cannot be changed. Raises StoreError, StoreUnavailable."""
+        _check_route(route)
+        now = time.time()
+        with self._writing() as db:
+            exists = _exists(db, "routes", "name", route.name)
+            if exists and not replace:
+                raise Conflict(f"route {route.name!r} already exists (use `routes set`)")
+            values = (
+                route.host,
+                route.port,
+                route.transport.value.lower(),
+                route.strip,
+                route.prefix,
+                now,
+                route.name,
+            )
+            if exists:
+                db.execute(
+                    "UPDATE routes SET host = ?, port = ?, transport = ?, strip = ?, "
+                    "prefix = ?, updated = ? WHERE name = ?",
+                    values,
+                )
+            else:
+                db.execute(
+                    "INSERT INTO routes (host, port, transport, strip, prefix, updated, name, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*values, now),
+                )
+        return route
+
+    def delete_route(self, name: str) -> None:
+        """Remove a route no account uses. Raises StoreError, StoreUnavailable."""
+        if name == ECHO_ROUTE:
+            raise StoreError("the echo route is built in and cannot be deleted")
+        with self._writing() as db:
+            users = [
+                row[0]
+                for row in db.execute(
+                    "SELECT username FROM accounts WHERE route = ? ORDER BY username LIMIT 6",
+                    (name,),
+                ).fetchall()
+            ]
+            if users:
+                shown = ", ".join(users[:5]) + (", ..." if len(users) > 5 else "")
+                raise Conflict(f"route {name!r} is used by accounts: {shown}")
+            if db.execute("DELETE FROM routes WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no route {name!r}")
+
+    def get_route(self, name: str) -> Route | None:
+        """One route, or None."""
+        with self._reading() as db:
+            rows = db.execute(_ROUTE_QUERY + " WHERE name = ?", (name,)).fetchall()
+        return _route_from_row(rows[0]) if rows else None
+
+    def list_routes(self) -> list[Route]:
+        """Every route, by name."""
+        with self._reading() as db:
+            rows = db.execute(_ROUTE_QUERY + " ORDER BY name").fetchall()
+        return [_route_from_row(row) for row in rows]
+
+
+# -- SQL and row conversion -------------------------------------------------
+
+_ACCOUNT_FIELDS = (
+    "route",
+    "allowed_prefixes",
+    "max_calls",
+    "max_cps",
+    "caller_id",
+    "allowed_sources",
+)
+
+_ACCOUNT_QUERY = (
+    "SELECT a.username, a.ha1_md5, a.ha1_sha256, a.status, a.allowed_prefixes, "
+    "a.max_calls, a.max_cps, a.caller_id, a.allowed_sources, "
+    "r.name, r.host, r.port, r.transport, r.strip, r.prefix "
+    "FROM accounts a LEFT JOIN routes r ON r.name = a.route WHERE a.username = ?"
+)
+_INFO_QUERY = (
+    "SELECT username, status, route, allowed_prefixes, max_calls, max_cps, caller_id, "
+    "allowed_sources, created, updated FROM accounts"
+)
+_ROUTE_QUERY = "SELECT name, host, port, transport, strip, prefix FROM routes"
+_RECORD_COLUMNS = (
+    "call_ref",
+    "account",
+    "a_call_id",
+    "b_call_id",
+    "source",
+    "transport",
+    "user_agent",
+    "dialed",
+    "sent_digits",
+    "route",
+    "start_wall",
+    "answer_wall",
+    "end_wall",
+    "final_status",
+    "ended_by",
+    "reason",
+    "codec",
+)
+_UPSERT_CALL = (
+    f"INSERT INTO calls ({', '.join(_RECORD_COLUMNS)}, ladder, updated_wall) "
+    f"VALUES ({', '.join('?' * (len(_RECORD_COLUMNS) + 2))}) "
+    "ON CONFLICT (call_ref) DO UPDATE SET "
+    + ", ".join(
+        f"{name} = excluded.{name}" for name in (*_RECORD_COLUMNS[1:], "ladder", "updated_wall")
+    )
+)
+_CALL_QUERY = (
+    f"SELECT {', '.join('c.' + name for name in _RECORD_COLUMNS)}, c.ladder, m.a_leg, m.b_leg "
+    "FROM calls c LEFT JOIN call_media m ON m.call_ref = c.call_ref"
+)
+
+
+def _exists(db: sqlite3.Connection, table: str, column: str, value: str) -> bool:
+    return bool(db.execute(f"SELECT 1 FROM {table} WHERE {column} = ?", (value,)).fetchall())
+
+
+def _check_route_exists(db: sqlite3.Connection, route: str | None) -> None:
+    if route is not None and not _exists(db, "routes", "name", route):
+        raise NotFound(f"no route {route!r} (create it first with `kx-sipd routes add`)")
+
+
+def _check_username(username: str) -> None:
+    if not _USERNAME.fullmatch(username):
+        raise StoreError(
+            f"invalid username {username!r}: 1-64 letters, digits or -_.!~*'()&=+$,;?/"
+        )
+
+
+def _check_route(route: Route) -> None:
+    if not _ROUTE_NAME.fullmatch(route.name):
+        raise StoreError(f"invalid route name {route.name!r}: letters, digits, '.', '_', '-'")
+    if route.name == ECHO_ROUTE:
+        raise StoreError("the echo route is built in and cannot be changed")
+    if not route.host or any(c.isspace() for c in route.host) or len(route.host) > 255:
+        raise StoreError(f"invalid host {route.host!r}")
+    if not 0 < route.port < 65536:
+        raise StoreError(f"invalid port {route.port}: 1-65535")
+    if route.strip < 0:
+        raise StoreError("strip must be 0 or more digits")
+    if not _DIAL_PREFIX.fullmatch(route.prefix):
+        raise StoreError(f"invalid prefix {route.prefix!r}: digits, '+', '*', '#'")
+
+
+def _account_fields(**given: Any) -> dict[str, Any]:
+    """Validate account fields and convert them to column values (only those given)."""
+    fields: dict[str, Any] = {}
+    if "route" in given:
+        fields["route"] = given["route"]
+    if "allowed_prefixes" in given:
+        prefixes = tuple(given["allowed_prefixes"])
+        for prefix in prefixes:
+            if not _DIGITS.fullmatch(prefix):
+                raise StoreError(f"invalid destination prefix {prefix!r}: digits only")
+        fields["allowed_prefixes"] = orjson.dumps(sorted(set(prefixes))).decode()
+    if "max_calls" in given:
+        max_calls = given["max_calls"]
+        if max_calls is not None and (not isinstance(max_calls, int) or max_calls <= 0):
+            raise StoreError(f"max calls must be a positive whole number, not {max_calls!r}")
+        fields["max_calls"] = max_calls
+    if "max_cps" in given:
+        max_cps = given["max_cps"]
+        if max_cps is not None and not (isinstance(max_cps, int | float) and max_cps > 0):
+            raise StoreError(f"max calls per second must be positive, not {max_cps!r}")
+        fields["max_cps"] = None if max_cps is None else float(max_cps)
+    if "caller_id" in given:
+        caller_id = given["caller_id"]
+        if caller_id is not None and not _CALLER_ID.fullmatch(caller_id):
+            raise StoreError(f"invalid caller ID {caller_id!r}: digits, optionally after '+'")
+        fields["caller_id"] = caller_id
+    if "allowed_sources" in given:
+        sources: list[str] = []
+        for text in given["allowed_sources"]:
+            try:
+                sources.append(str(ipaddress.ip_network(text, strict=False)))
+            except ValueError:
+                raise StoreError(
+                    f"invalid source {text!r}: expected an IP address or CIDR"
+                ) from None
+        fields["allowed_sources"] = orjson.dumps(sorted(set(sources))).decode()
+    return fields
+
+
+def _account_from_row(row: tuple[Any, ...]) -> Account:
+    (username, md5, sha256, status, prefixes, max_calls, max_cps, caller_id, sources) = row[:9]
+    route = _route_from_row(row[9:]) if row[9] is not None else None
+    return Account(
+        username=username,
+        ha1={"MD5": md5, "SHA-256": sha256},
+        active=status == "active",
+        route=route,
+        allowed_prefixes=tuple(orjson.loads(prefixes)),
+        max_calls=max_calls,
+        max_cps=max_cps,
+        caller_id=caller_id,
+        allowed_sources=tuple(orjson.loads(sources)),
+    )
+
+
+def _info_from_row(row: tuple[Any, ...]) -> AccountInfo:
+    username, status, route, prefixes, max_calls, max_cps, caller_id, sources, created, updated = (
+        row
+    )
+    return AccountInfo(
+        username=username,
+        status=status,
+        route=route,
+        allowed_prefixes=tuple(orjson.loads(prefixes)),
+        max_calls=max_calls,
+        max_cps=max_cps,
+        caller_id=caller_id,
+        allowed_sources=tuple(orjson.loads(sources)),
+        created=created,
+        updated=updated,
+    )
+
+
+def _route_from_row(row: Sequence[Any]) -> Route:
+    name, host, port, transport, strip, prefix = row
+    return Route(
+        name=name,
+        host=host,
+        port=port,
+        transport=Transport(transport.upper()),
+        strip=strip,
+        prefix=prefix,
+    )
+
+
+def _record_values(record: CallRecordData) -> tuple[Any, ...]:
+    ladder = orjson.dumps([attrs.asdict(entry) for entry in record.ladder])
+    return (
+        *(getattr(record, name) for name in _RECORD_COLUMNS),
+        ladder,
+        time.time(),
+    )
+
+
+def _ladder_from_json(data: bytes | str) -> tuple[LadderEntry, ...]:
+    try:
+        return tuple(LadderEntry(**entry) for entry in orjson.loads(data))
+    except (orjson.JSONDecodeError, TypeError):
+        # A damaged ladder must not hide the rest of the record.
+        return ()
+
+
+def _stats_json(stats: MediaStats | None) -> bytes | None:
+    return None if stats is None else orjson.dumps(attrs.asdict(stats))
+
+
+def _stats_from_json(data: bytes | str | None) -> MediaStats | None:
+    if data is None:
+        return None
+    try:
+        return MediaStats(**orjson.loads(data))
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+
+
+def _call_from_row(row: tuple[Any, ...]) -> CallEntry:
+    count = len(_RECORD_COLUMNS)
+    fields = dict(zip(_RECORD_COLUMNS, row[:count], strict=True))
+    ladder_json, a_leg, b_leg = row[count:]
+    return CallEntry(
+        record=CallRecordData(**fields, ladder=_ladder_from_json(ladder_json)),
+        a_media=_stats_from_json(a_leg),
+        b_media=_stats_from_json(b_leg),
+    )
