@@ -38,7 +38,6 @@ from .settings import (
     DEMO_USERNAME,
     ServerSettings,
     field_doc,
-    format_address,
     parse_address,
     parse_port_range,
 )
@@ -921,8 +920,9 @@ def serve(ctx: click.Context, /, **options: Any) -> None:
             f"the server wiring is missing from this install: {exc}"
         ) from None
     if settings.demo:
-        store_realm = prepare_demo(settings.db, settings.realm)
-        click.echo(demo_instructions(settings, store_realm))
+        # The database is ready before the server opens it; the server prints
+        # the softphone settings (kx_sipd.app.demo_banner) once it listens.
+        prepare_demo(settings.db, settings.realm)
     run_server(settings)
 
 
@@ -956,27 +956,6 @@ def prepare_demo(db: str, realm: str | None) -> str:
             store.update_account(DEMO_USERNAME, route=ECHO_ROUTE)
             store.set_active(DEMO_USERNAME, True)
         return store.realm
-
-
-def demo_instructions(settings: ServerSettings, realm: str) -> str:
-    """The softphone settings printed by ``serve --demo``."""
-    host, port = settings.advertised_sip_address
-    return "\n".join(
-        [
-            "kx-sipd demo: configure a softphone (Linphone, Zoiper, MicroSIP...) with",
-            f"  SIP server / domain  : {host}",
-            f"  Port                 : {port}",
-            "  Transport            : UDP (or TCP)",
-            f"  Username             : {DEMO_USERNAME}",
-            f"  Authentication name  : {DEMO_USERNAME}",
-            f"  Password             : {DEMO_PASSWORD}",
-            f"  Realm                : {realm}",
-            "  Codecs               : PCMU and PCMA only",
-            f"Then dial {settings.echo_number} for the echo test (you hear yourself).",
-            f"Database: {os.path.abspath(settings.db)}; listening on "
-            + ", ".join(format_address(address) for address in settings.listen),
-        ]
-    )
 
 
 # -- reference documentation -------------------------------------------------
