@@ -10,7 +10,10 @@ three terminal events: ``TransactionTimedOut`` (Timer B, F or H),
 ``TransportFailed`` (the transport reported the destination unreachable), or
 ``TransactionTerminated`` (every other end: Timers D, I, J, K, L, M, or a zero
 timer on a reliable transport). After a terminal event the layer keeps no
-reference to the transaction, so the TU may drop its own.
+reference to the transaction, so the TU may drop its own. One exception, from
+RFC 6026 §7.1: an INVITE server transaction in Accepted reports a transport
+error and stays (the TU may still reach the peer); its end comes later as
+``TransactionTerminated``. ``event.transaction.state`` tells the two apart.
 """
 
 from __future__ import annotations
