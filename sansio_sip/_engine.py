@@ -1,0 +1,821 @@
+"""The engine: the façade a driver feeds with bytes and time.
+
+It owns the layers and routes every message to the right place:
+
+* framing (UDP datagrams, TCP streams per connection) and parsing; a message
+  that cannot be parsed is answered statelessly when the parser says it
+  deserves an answer (400, 505, 513), or dropped and counted;
+* the transaction layer (RFC 3261 §17): retransmissions are absorbed there
+  *before* authentication, so single-use nonces never turn a UDP
+  retransmission into a replay (DESIGN §7);
+* the checks of RFC 3261 §8.2 in its order: method (405 with Allow, guide §8),
+  Request-URI scheme (416), Require (420), content type (415);
+* OPTIONS (200 with Allow, Accept, Supported, no auth) and REGISTER (digest,
+  200 echoing the Contact with an expiry, no binding stored: guide §8);
+* INVITE authentication, then the call layer (``_call``) for the B2BUA.
+
+The engine never waits: account look-ups and relay allocations are actions
+whose results come back through ``account_found`` / ``account_unavailable``
+and ``media_allocated`` / ``media_failed``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections import Counter
+from collections.abc import Sequence
+
+import attrs
+
+from ._actions import Action, CloseConnection, Log, LookupAccount, Send
+from ._auth import AuthOutcome, decide
+from ._call import CallManager
+from ._config import EngineConfig
+from ._digest import (
+    DigestCredentials,
+    NonceFactory,
+    NonceTracker,
+    make_challenge,
+    parse_authorization,
+)
+from ._errors import ParseError, RemoteProtocolError
+from ._events import ResponseReceived, TransactionTimedOut, TransportFailed
+from ._framing import StreamFramer
+from ._headers import NameAddr, parse_contact
+from ._message import Request, Response, parse_message
+from ._model import Account, Address, MediaAllocation, Transport
+from ._seams import Entropy
+from ._transaction import ServerTransaction, TransactionLayer
+from ._tu import Responder, context_of
+from ._uri import SipUri, TelUri, parse_uri
+from ._wire import format_address, stateless_error_response
+
+__all__ = ["Engine"]
+
+_SUPPORTED_EXTENSIONS: frozenset[str] = frozenset()
+"""Option tags kx-sipd implements. None: no PRACK (100rel is optional for the
+client and we never demand it), no session timers (so `timer` is left out of
+Supported and a pjsua call works without refreshes), no outbound."""
+
+_ACCEPT = "application/sdp"
+
+
+@attrs.define(slots=True)
+class _PendingAuth:
+    """A request waiting for the account store."""
+
+    transaction: ServerTransaction
+    request: Request
+    credentials: DigestCredentials
+    source: Address
+    transport: Transport
+    connection: int | None
+
+
+class Engine:
+    """The kx-sipd protocol engine. One instance per server process.
+
+    Every method returns the list of actions to perform, in order. ``now`` is
+    monotonic seconds (timers); ``wall`` is wall-clock seconds (nonces, which
+    other processes and hosts verify, call records and Date headers).
+    """
+
+    def __init__(self, config: EngineConfig, *, entropy: Entropy) -> None:
+        self.config = config
+        self._entropy = entropy
+        self._transactions = TransactionLayer(
+            t1=config.t1,
+            t2=config.t2,
+            t4=config.t4,
+            max_transactions=config.max_transactions,
+            retry_after=config.retry_after,
+        )
+        self._nonces = NonceFactory(config.nonce_secret, lifetime=config.nonce_lifetime)
+        self._used_nonces = NonceTracker(lifetime=config.nonce_lifetime)
+        self._framers: dict[int, StreamFramer] = {}
+        self._pending: dict[int, _PendingAuth] = {}
+        self._next_token = 1
+        self._counters: Counter[str] = Counter()
+        self._responder = Responder(self._transactions, entropy, self._counters, config.server_name)
+        self._calls = CallManager(
+            responder=self._responder,
+            config=config,
+            entropy=entropy,
+            transactions=self._transactions,
+            counters=self._counters,
+            new_token=self._new_token,
+        )
+
+    # ------------------------------------------------------------------ input
+
+    def receive(
+        self,
+        data: bytes,
+        *,
+        source: Address,
+        transport: Transport,
+        now: float,
+        wall: float,
+        connection: int | None = None,
+    ) -> list[Action]:
+        """Feed one UDP datagram, or one chunk of a TCP connection's stream.
+
+        Returns the actions to perform. Never raises for anything the peer
+        sent: faults become answers or counted drops.
+        """
+        out: list[Action] = []
+        if transport is Transport.UDP:
+            self._counters["datagrams_in"] += 1
+            if not data.strip(b"\r\n \t"):
+                # RFC 5626 §4.4.1 keep-alive over UDP: nothing to answer, nothing to log.
+                self._counters["keepalives"] += 1
+                return out
+            self._receive_message(data, source, transport, None, now, wall, out)
+            return out
+        if connection is None:
+            raise ValueError("a stream chunk needs its connection id")
+        framer = self._framers.get(connection)
+        if framer is None:
+            framer = self._framers[connection] = StreamFramer(
+                max_header_bytes=min(self.config.max_message_size, 65_535),
+                max_body_bytes=self.config.max_message_size,
+            )
+        try:
+            messages = framer.feed(data)
+        except ParseError as error:
+            self._counters["framing_errors"] += 1
+            out.append(
+                Log(
+                    level="info",
+                    event="tcp.framing_error",
+                    fields=(("source", format_address(source)), ("reason", error.reason)),
+                )
+            )
+            out.append(CloseConnection(connection=connection, reason=error.reason))
+            self._framers.pop(connection, None)
+            return out
+        pongs = framer.take_pongs()
+        if pongs:
+            self._counters["keepalives"] += pongs
+            out.append(
+                Send(data=b"\r\n", destination=source, transport=transport, connection=connection)
+            )
+        for message in messages:
+            self._receive_message(message, source, transport, connection, now, wall, out)
+        return out
+
+    def connection_closed(self, connection: int, *, now: float, wall: float) -> list[Action]:
+        """The driver saw a stream connection close."""
+        self._framers.pop(connection, None)
+        return []
+
+    def handle_timer(self, *, now: float, wall: float) -> list[Action]:
+        """Fire every deadline that is due; call when ``next_timer()`` has passed."""
+        out: list[Action] = []
+        self._dispatch(self._transactions.handle_timer(now=now), now, wall, out)
+        self._calls.handle_timer(now=now, wall=wall, out=out)
+        return out
+
+    def next_timer(self) -> float | None:
+        """The monotonic time at which ``handle_timer`` must next be called."""
+        deadlines = [
+            d for d in (self._transactions.next_timer(), self._calls.next_timer()) if d is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def account_found(
+        self, token: int, account: Account | None, *, now: float, wall: float
+    ) -> list[Action]:
+        """Result of a ``LookupAccount``: the account, or None when it does not exist."""
+        out: list[Action] = []
+        pending = self._pending.pop(token, None)
+        if pending is None:
+            return out
+        self._authenticated(pending, account, now, wall, out)
+        return out
+
+    def account_unavailable(self, token: int, *, now: float, wall: float) -> list[Action]:
+        """The store could not answer a ``LookupAccount``: 503 with Retry-After."""
+        out: list[Action] = []
+        pending = self._pending.pop(token, None)
+        if pending is None:
+            return out
+        self._counters["store_unavailable"] += 1
+        self._respond(
+            pending.transaction,
+            pending.request,
+            503,
+            "Service Unavailable",
+            now,
+            wall,
+            out,
+            headers=(("Retry-After", str(self.config.retry_after)),),
+        )
+        out.append(
+            Log(
+                level="warning",
+                event="store.unavailable",
+                fields=(
+                    ("call_id", pending.request.call_id),
+                    ("method", pending.request.method),
+                    ("source", format_address(pending.source)),
+                ),
+            )
+        )
+        return out
+
+    def media_allocated(
+        self, token: int, allocation: MediaAllocation, *, now: float, wall: float
+    ) -> list[Action]:
+        """Result of an ``AllocateMedia``."""
+        out: list[Action] = []
+        self._calls.media_allocated(token, allocation, now=now, wall=wall, out=out)
+        return out
+
+    def media_failed(self, token: int, reason: str, *, now: float, wall: float) -> list[Action]:
+        """The relay could not allocate: the call gets 503."""
+        out: list[Action] = []
+        self._calls.media_failed(token, reason, now=now, wall=wall, out=out)
+        return out
+
+    def media_ended(self, call_ref: str, reason: str, *, now: float, wall: float) -> list[Action]:
+        """The relay ended a call's media (timeout, lost shard): end the call."""
+        out: list[Action] = []
+        self._calls.media_ended(call_ref, reason, now=now, wall=wall, out=out)
+        return out
+
+    def transport_failed(
+        self, destination: Address, transport: Transport, *, now: float, wall: float
+    ) -> list[Action]:
+        """Sending to ``destination`` failed (ICMP unreachable, refused connection)."""
+        out: list[Action] = []
+        self._dispatch(
+            self._transactions.transport_error(destination, transport, now=now), now, wall, out
+        )
+        return out
+
+    def stop_accepting(self, *, now: float, wall: float) -> list[Action]:
+        """Graceful shutdown, step one: new calls get 503, running calls go on."""
+        self._calls.accepting = False
+        return [Log(level="info", event="engine.stop_accepting", fields=())]
+
+    def end_all_calls(self, *, now: float, wall: float) -> list[Action]:
+        """Graceful shutdown, step two: hang up every call on both legs."""
+        out: list[Action] = []
+        self._calls.end_all(now=now, wall=wall, out=out)
+        return out
+
+    @property
+    def active_calls(self) -> int:
+        """Calls that passed authentication and have not ended."""
+        return self._calls.active
+
+    @property
+    def idle(self) -> bool:
+        """No live transaction, pending look-up or call."""
+        return not self._pending and len(self._transactions) == 0 and self._calls.active == 0
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: messages, drops by reason, answers, auth outcomes, calls."""
+        stats = dict(self._counters)
+        stats["transactions"] = len(self._transactions)
+        stats["calls_active"] = self._calls.active
+        stats["pending_lookups"] = len(self._pending)
+        return stats
+
+    # --------------------------------------------------------------- internals
+
+    def _new_token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    def _receive_message(
+        self,
+        data: bytes,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        try:
+            message = parse_message(data, max_size=self.config.max_message_size)
+        except ParseError as error:
+            self._parse_failed(data, error, source, transport, connection, out)
+            return
+        if isinstance(message, Response):
+            self._counters["responses_in"] += 1
+            self._on_response(message, source, now, wall, out)
+            return
+        self._counters["requests_in"] += 1
+        self._counters[f"requests_in.{message.method}"] += 1
+        try:
+            self._on_request(message, source, transport, connection, now, wall, out)
+        except RemoteProtocolError as error:
+            # A header the engine needed was malformed (the parser is lazy for
+            # headers it does not need on every message).
+            self._parse_failed(data, error, source, transport, connection, out)
+
+    def _parse_failed(
+        self,
+        data: bytes,
+        error: RemoteProtocolError,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        out: list[Action],
+    ) -> None:
+        answer = None
+        if error.status_code is not None:
+            answer = stateless_error_response(
+                data,
+                error.status_code,
+                error.reason,
+                headers=error.headers,
+                to_tag=self._entropy(6).hex(),
+            )
+        if answer is None:
+            self._counters["dropped_malformed"] += 1
+            out.append(
+                Log(
+                    level="debug",
+                    event="message.dropped",
+                    fields=(("source", format_address(source)), ("reason", error.reason)),
+                )
+            )
+            return
+        self._counters[f"responses_out.{error.status_code}"] += 1
+        out.append(
+            Send(data=answer, destination=source, transport=transport, connection=connection)
+        )
+        out.append(
+            Log(
+                level="info",
+                event="request.rejected",
+                fields=(
+                    ("source", format_address(source)),
+                    ("status", error.status_code),
+                    ("reason", error.reason),
+                ),
+            )
+        )
+
+    def _on_response(
+        self, response: Response, source: Address, now: float, wall: float, out: list[Action]
+    ) -> None:
+        transaction = self._transactions.match_client(response)
+        if transaction is None:
+            # RFC 6026: a 2xx retransmission after the client transaction is gone
+            # belongs to the dialog; the call layer re-sends its ACK.
+            if not self._calls.stray_response(response, source, now=now, wall=wall, out=out):
+                self._counters["dropped_stray_response"] += 1
+            return
+        self._dispatch(
+            self._transactions.receive_response(transaction, response, now=now), now, wall, out
+        )
+
+    def _on_request(
+        self,
+        request: Request,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        # Force the lazy parse of what every request needs, so a malformed
+        # header is a 400 here rather than a surprise deeper down.
+        request.call_id  # noqa: B018
+        request.cseq  # noqa: B018
+        request.from_  # noqa: B018
+        request.to  # noqa: B018
+        if len(request.vias) > self.config.max_via_depth:
+            raise ParseError("Too many Via headers", 400)
+        self._transactions.stamp_via(request, source)
+        method = request.method
+        if method == "ACK":
+            self._on_ack(request, source, transport, connection, now, wall, out)
+            return
+        existing = self._transactions.match_server(request)
+        if existing is not None:
+            self._counters["retransmissions_absorbed"] += 1
+            self._dispatch(
+                self._transactions.receive_retransmission(existing, request, now=now),
+                now,
+                wall,
+                out,
+            )
+            return
+        if method == "CANCEL":
+            self._on_cancel(request, source, transport, connection, now, wall, out)
+            return
+        try:
+            transaction = self._transactions.create_server(
+                request, source=source, transport=transport, connection=connection, now=now
+            )
+        except RemoteProtocolError as error:
+            self._counters["overload_rejected"] += 1
+            self._parse_failed(bytes(request), error, source, transport, connection, out)
+            return
+        status = self._check_request(request)
+        if status is not None:
+            code, reason, headers = status
+            self._respond(transaction, request, code, reason, now, wall, out, headers=headers)
+            return
+        if request.to.tag is not None:
+            self._calls.in_dialog_request(transaction, request, source, now=now, wall=wall, out=out)
+            return
+        if method == "OPTIONS":
+            self._respond(
+                transaction,
+                request,
+                200,
+                "OK",
+                now,
+                wall,
+                out,
+                headers=(
+                    ("Allow", ", ".join(self.config.allowed_methods)),
+                    ("Accept", _ACCEPT),
+                    ("Supported", ", ".join(sorted(_SUPPORTED_EXTENSIONS))),
+                ),
+            )
+            return
+        if method == "INVITE" and not self._calls.accepting:
+            self._respond(
+                transaction,
+                request,
+                503,
+                "Service Unavailable",
+                now,
+                wall,
+                out,
+                headers=(("Retry-After", str(self.config.retry_after)),),
+            )
+            return
+        if method in ("INVITE", "REGISTER"):
+            self._authenticate(transaction, request, source, transport, connection, now, wall, out)
+            return
+        # BYE outside a dialog (no To tag).
+        self._respond(transaction, request, 481, "Call/Transaction Does Not Exist", now, wall, out)
+
+    def _check_request(
+        self, request: Request
+    ) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
+        """RFC 3261 §8.2.1–§8.2.3, in order. Returns the rejection, or None."""
+        allowed = self.config.allowed_methods
+        if request.method not in allowed:
+            return 405, "Method Not Allowed", (("Allow", ", ".join(allowed)),)
+        uri = parse_uri(request.uri)
+        if not isinstance(uri, (SipUri, TelUri)):
+            return 416, "Unsupported URI Scheme", ()
+        required = [
+            tag
+            for value in request.headers.get_all("Require")
+            if (tag := value.strip()) and tag.lower() not in _SUPPORTED_EXTENSIONS
+        ]
+        if required and request.method != "CANCEL":
+            return 420, "Bad Extension", (("Unsupported", ", ".join(required)),)
+        if request.body and request.method == "INVITE":
+            content_type = request.content_type
+            if content_type is not None and content_type != _ACCEPT:
+                return 415, "Unsupported Media Type", (("Accept", _ACCEPT),)
+        if request.method == "INVITE" and request.max_forwards == 0:
+            return 483, "Too Many Hops", ()
+        return None
+
+    def _on_ack(
+        self,
+        request: Request,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        existing = self._transactions.match_server(request)
+        if existing is not None:
+            # ACK for a non-2xx final: the INVITE server transaction absorbs it.
+            self._dispatch(
+                self._transactions.receive_retransmission(existing, request, now=now),
+                now,
+                wall,
+                out,
+            )
+            return
+        if not self._calls.ack(request, source, now=now, wall=wall, out=out):
+            self._counters["dropped_stray_ack"] += 1
+
+    def _on_cancel(
+        self,
+        request: Request,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        try:
+            transaction = self._transactions.create_server(
+                request, source=source, transport=transport, connection=connection, now=now
+            )
+        except RemoteProtocolError as error:
+            self._parse_failed(bytes(request), error, source, transport, connection, out)
+            return
+        invite = self._transactions.find_invite_for_cancel(request)
+        if invite is None:
+            # §9.2: no matching transaction → 481.
+            self._respond(
+                transaction, request, 481, "Call/Transaction Does Not Exist", now, wall, out
+            )
+            return
+        self._respond(
+            transaction, request, 200, "OK", now, wall, out, to_tag=context_of(invite).to_tag
+        )
+        pending_token = next(
+            (token for token, p in self._pending.items() if p.transaction is invite), None
+        )
+        if pending_token is not None:
+            # Still authenticating: nothing was started, just end the INVITE.
+            pending = self._pending.pop(pending_token)
+            self._respond(invite, pending.request, 487, "Request Terminated", now, wall, out)
+            return
+        self._calls.cancel(invite, now=now, wall=wall, out=out)
+
+    # --------------------------------------------------------- authentication
+
+    def _authenticate(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        credentials = self._credentials(request)
+        if credentials is None:
+            self._counters["auth.challenged"] += 1
+            self._challenge(transaction, request, now, wall, out, stale=False)
+            return
+        if request.method == "INVITE":
+            # RFC 3261 §17.2.1: 100 Trying before any slow work (the account
+            # look-up, the relay), so the client stops retransmitting (DESIGN §7).
+            self._respond(transaction, request, 100, "Trying", now, wall, out)
+        token = self._new_token()
+        self._pending[token] = _PendingAuth(
+            transaction=transaction,
+            request=request,
+            credentials=credentials,
+            source=source,
+            transport=transport,
+            connection=connection,
+        )
+        out.append(LookupAccount(token=token, username=credentials.username))
+
+    def _credentials(self, request: Request) -> DigestCredentials | None:
+        """The Digest credentials for our realm, None when there are none.
+
+        A client may carry credentials for several realms (one per proxy on
+        its path); only ours matter. Credentials for another realm are still
+        returned when they are the only ones, so a misconfigured realm is
+        reported as ``403 Bad credentials`` (guide §9) rather than looping on 401.
+        """
+        found: DigestCredentials | None = None
+        for value in request.headers.get_all("Authorization"):
+            if not value.lstrip().lower().startswith("digest"):
+                continue
+            credentials = parse_authorization(value)
+            if credentials.realm == self.config.realm:
+                return credentials
+            found = found or credentials
+        return found
+
+    def _authenticated(
+        self,
+        pending: _PendingAuth,
+        account: Account | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        request = pending.request
+        transaction = pending.transaction
+        if context_of(transaction).final:
+            # Answered meanwhile (CANCEL, timeout): nothing left to decide.
+            return
+        outcome = decide(
+            pending.credentials,
+            account,
+            method=request.method,
+            realm=self.config.realm,
+            nonces=self._nonces,
+            single_use=self._used_nonces if request.method == "INVITE" else None,
+            source_ip=pending.source[0],
+            wall=wall,
+        )
+        self._counters[f"auth.{outcome.value}"] += 1
+        if outcome is not AuthOutcome.ACCEPTED:
+            self._auth_failed(pending, outcome, now, wall, out)
+            return
+        assert account is not None
+        if request.method == "REGISTER":
+            self._registered(transaction, request, account, now, wall, out)
+            return
+        self._calls.start(
+            transaction,
+            request,
+            account,
+            pending.source,
+            pending.transport,
+            pending.connection,
+            now=now,
+            wall=wall,
+            out=out,
+        )
+
+    def _auth_failed(
+        self,
+        pending: _PendingAuth,
+        outcome: AuthOutcome,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        request = pending.request
+        transaction = pending.transaction
+        if outcome is AuthOutcome.CHALLENGE:
+            self._challenge(transaction, request, now, wall, out, stale=False)
+        elif outcome is AuthOutcome.STALE:
+            self._challenge(transaction, request, now, wall, out, stale=True)
+        else:
+            reason = {
+                AuthOutcome.UNKNOWN_USER: "Unknown user",
+                AuthOutcome.BAD_CREDENTIALS: "Bad credentials",
+                AuthOutcome.SOURCE_NOT_ALLOWED: "Source not allowed",
+            }[outcome]
+            wire_reason = reason
+            if self.config.uniform_auth_failures and outcome in (
+                AuthOutcome.UNKNOWN_USER,
+                AuthOutcome.BAD_CREDENTIALS,
+            ):
+                # Issue 7 §4: one answer for both, so svwar cannot enumerate users.
+                wire_reason = "Forbidden"
+            self._respond(transaction, request, 403, wire_reason, now, wall, out)
+        out.append(
+            Log(
+                level="info",
+                event="auth.failed",
+                fields=(
+                    ("call_id", request.call_id),
+                    ("method", request.method),
+                    ("account", pending.credentials.username),
+                    ("source", format_address(pending.source)),
+                    ("outcome", outcome.value),
+                ),
+            )
+        )
+
+    def _challenge(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        now: float,
+        wall: float,
+        out: list[Action],
+        *,
+        stale: bool,
+    ) -> None:
+        nonce = self._nonces.make(wall=wall, salt=self._entropy(8))
+        challenge = make_challenge(
+            realm=self.config.realm, nonce=nonce, algorithm="MD5", qop="auth", stale=stale
+        )
+        self._respond(
+            transaction,
+            request,
+            401,
+            "Unauthorized",
+            now,
+            wall,
+            out,
+            headers=(("WWW-Authenticate", challenge),),
+        )
+
+    # ----------------------------------------------------------------- REGISTER
+
+    def _registered(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        account: Account,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        """200 OK echoing the Contacts with their granted expiry (RFC 3261 §10.3
+        step 8), storing nothing (guide §8: no persistent bindings)."""
+        header_expires = _int_or_none(request.headers.get("Expires"))
+        contacts = request.headers.get_all("Contact")
+        echoed: list[tuple[str, str]] = []
+        for value in contacts:
+            contact = parse_contact(value)
+            if contact == "*":
+                if len(contacts) != 1 or header_expires != 0:
+                    self._respond(
+                        transaction, request, 400, "Invalid wildcard Contact", now, wall, out
+                    )
+                    return
+                continue
+            requested = _int_or_none(contact.param("expires"))
+            if requested is None:
+                requested = header_expires
+            if requested is None:
+                requested = self.config.register_expires
+            if requested <= 0:
+                continue  # unREGISTER of this contact: nothing bound, nothing to list
+            granted = min(requested, self.config.register_expires)
+            echoed.append(("Contact", _with_expires(contact, granted)))
+        headers = [*echoed, ("Date", email.utils.formatdate(wall, usegmt=True))]
+        self._respond(transaction, request, 200, "OK", now, wall, out, headers=tuple(headers))
+        out.append(
+            Log(
+                level="info",
+                event="register.ok",
+                fields=(
+                    ("call_id", request.call_id),
+                    ("account", account.username),
+                    ("source", format_address(transaction.source)),
+                    ("contacts", len(echoed)),
+                ),
+            )
+        )
+
+    # ---------------------------------------------------------------- helpers
+
+    def _respond(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        code: int,
+        reason: str,
+        now: float,
+        wall: float,
+        out: list[Action],
+        *,
+        headers: tuple[tuple[str, str], ...] = (),
+        to_tag: str | None = None,
+    ) -> None:
+        """Answer ``request`` through its server transaction, and log the outcome."""
+        items = self._responder.respond(
+            transaction, request, code, reason, now=now, headers=headers, to_tag=to_tag
+        )
+        self._dispatch(items, now, wall, out)
+        if code >= 200:
+            out.append(
+                Log(
+                    level="info",
+                    event="transaction.answered",
+                    fields=(
+                        ("call_id", request.call_id),
+                        ("method", request.method),
+                        ("source", format_address(transaction.source)),
+                        ("status", code),
+                        ("reason", reason),
+                    ),
+                )
+            )
+
+    def _dispatch(
+        self, items: Sequence[object], now: float, wall: float, out: list[Action]
+    ) -> None:
+        """Route what the transaction layer returned: sends out, events to the TU."""
+        for item in items:
+            if isinstance(item, Send):
+                out.append(item)
+            elif isinstance(item, (ResponseReceived, TransactionTimedOut, TransportFailed)):
+                self._calls.transaction_event(item, now=now, wall=wall, out=out)
+
+
+def _with_expires(contact: NameAddr, granted: int) -> str:
+    """The Contact as received, its expires parameter set to what we grant."""
+    updated = contact.with_params(("expires", str(granted)))
+    # Always in name-addr form: in addr-spec form a URI with parameters would
+    # be ambiguous (RFC 3261 §20.10).
+    return str(NameAddr(updated.display_name, updated.uri, updated.params, True))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit():
+        return None
+    # RFC 3261 §20.19: anything above 2**32-1 is treated as that (and then capped).
+    return min(int(value), 2**32 - 1)
