@@ -114,7 +114,7 @@ class TransactionInput(enum.Enum):
 class _Effect(enum.Enum):
     """What a transition does besides changing state."""
 
-    NOTHING = "absorb"
+    NOTHING = "no action"
     SEND_RESPONSE = "send response"
     RESEND_RESPONSE = "re-send last response"
     RETRANSMIT_RESPONSE = "re-send response, back off G"
