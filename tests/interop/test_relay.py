@@ -1,0 +1,498 @@
+"""The relay as real processes (supervisor + shards) on loopback, driven by a
+small RTP sender: forwarding, latching, anti-hijack, RFC 4733 pass-through,
+echo, RTCP, media timeout, shard restart, exhaustion, control security, CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from kx_sipd.relay_cli import relay as relay_cli
+from rtp_relay import LocalRelay, RelayClient, RelayConfig, start_local_relay
+from rtp_relay._protocol import open_datagram, seal
+from sansio_sip import MediaAllocation, MediaUnavailable
+
+SECRET_TEXT = "relay-test-secret-0123456789"
+SECRET = SECRET_TEXT.encode()
+WAIT = 2.0  # bound on any single receive
+
+
+def free_rtp_range(pairs: int) -> tuple[int, int]:
+    """2*pairs consecutive ports below the ephemeral range, all free right now."""
+    for _ in range(100):
+        lo = random.randrange(21000, 32000, 2)
+        probes = []
+        try:
+            for port in range(lo, lo + 2 * pairs):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                probes.append(s)
+                s.bind(("127.0.0.1", port))
+            return lo, lo + 2 * pairs - 1
+        except OSError:
+            continue
+        finally:
+            for s in probes:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def start(pairs: int, **overrides: object) -> LocalRelay:
+    fields: dict[str, object] = {
+        "secret": SECRET,
+        "control": ("127.0.0.1", 0),
+        "rtp_range": free_rtp_range(pairs),
+        "shards": 2,
+        "media_host": "127.0.0.1",
+        "media_timeout": 1.0,
+        "log_level": "warning",
+    }
+    fields.update(overrides)
+    return start_local_relay(RelayConfig(**fields))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def relay() -> Iterator[LocalRelay]:
+    r = start(40)
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def client(relay: LocalRelay) -> Iterator[RelayClient]:
+    c = relay.client()
+    yield c
+    c.close()
+
+
+class Endpoint:
+    """A UDP socket on loopback standing in for a phone or a carrier."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(WAIT)
+        self.address: tuple[str, int] = self.sock.getsockname()
+
+    def send(self, data: bytes, to: tuple[str, int]) -> None:
+        self.sock.sendto(data, to)
+
+    def recv(self, timeout: float = WAIT) -> tuple[bytes, tuple[str, int]] | None:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recvfrom(4096)
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def endpoints() -> Iterator[list[Endpoint]]:
+    eps = [Endpoint() for _ in range(5)]
+    yield eps
+    for e in eps:
+        e.close()
+
+
+def rtp(
+    seq: int,
+    ts: int = 0,
+    ssrc: int = 0xA1,
+    pt: int = 0,
+    payload: bytes = b"\xd5" * 160,
+    marker: bool = False,
+) -> bytes:
+    return (
+        struct.pack(
+            "!BBHII", 0x80, pt | (0x80 if marker else 0), seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc
+        )
+        + payload
+    )
+
+
+def a_side(alloc: MediaAllocation) -> tuple[str, int]:
+    return (alloc.a_address, alloc.a_port)
+
+
+def b_side(alloc: MediaAllocation) -> tuple[str, int]:
+    return (alloc.b_address, alloc.b_port)
+
+
+def call_ref() -> str:
+    return "call-" + os.urandom(6).hex()
+
+
+# ------------------------------------------------------------------ media
+
+
+def test_media_flows_both_ways_latching_to_real_sources(
+    client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    phone, phone_sdp_decoy, carrier = endpoints[:3]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=phone_sdp_decoy.address, echo=False)
+    assert alloc.a_address == "127.0.0.1" and alloc.a_port != alloc.b_port
+    client.update(ref, a_peer=phone_sdp_decoy.address, b_peer=carrier.address)
+    for i in range(20):
+        phone.send(rtp(i, ts=160 * i), a_side(alloc))
+        got = carrier.recv()
+        assert got is not None and got[0] == rtp(i, ts=160 * i) and got[1] == b_side(alloc)
+        carrier.send(rtp(i, ts=160 * i, ssrc=0xB2), b_side(alloc))
+        back = phone.recv()
+        assert (
+            back is not None
+            and back[0] == rtp(i, ts=160 * i, ssrc=0xB2)
+            and back[1] == a_side(alloc)
+        )
+    assert phone_sdp_decoy.recv(timeout=0.2) is None  # the SDP address was overridden by latching
+    a_stats, b_stats = client.release(ref)
+    assert a_stats is not None and b_stats is not None
+    assert (a_stats.packets_in, a_stats.packets_out, a_stats.bytes_in) == (20, 20, 20 * 172)
+    assert (b_stats.packets_in, b_stats.packets_out, b_stats.packets_lost) == (20, 20, 0)
+
+
+def test_hijack_from_third_port_dropped_and_counted(
+    client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    phone, carrier, attacker = endpoints[:3]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=phone.address, echo=False)
+    client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+    phone.send(rtp(1), a_side(alloc))
+    assert carrier.recv() is not None
+    for i in range(10):
+        attacker.send(
+            rtp(100 + i, ssrc=0xA1), a_side(alloc)
+        )  # same SSRC as the phone: never re-latches
+    phone.send(rtp(2), a_side(alloc))
+    got = carrier.recv()
+    assert got is not None and got[0] == rtp(2)  # the next packet the carrier sees is the phone's
+    assert carrier.recv(timeout=0.2) is None
+    figures = client.query(ref)
+    assert figures is not None
+    assert figures["a"]["rtp"]["dropped_foreign"] == 10
+    assert figures["a"]["rtp"]["peer"] == list(phone.address)
+    client.release(ref)
+
+
+def test_dtmf_rfc4733_packets_arrive_byte_identical(
+    client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    phone, carrier = endpoints[:2]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=phone.address, echo=False)
+    client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+    packets = []
+    for i in range(
+        6
+    ):  # digit 5, volume 10, growing duration, end bit on the last three (RFC 4733 §2.5.1.4)
+        end = 0x80 if i >= 3 else 0
+        payload = struct.pack("!BBH", 5, end | 10, 160 * (i + 1))
+        packets.append(rtp(500 + i, ts=48000, ssrc=0xA1, pt=101, payload=payload, marker=(i == 0)))
+    for packet in packets:
+        phone.send(packet, a_side(alloc))
+        got = carrier.recv()
+        assert got is not None and got[0] == packet
+    client.release(ref)
+
+
+def test_echo_mode_returns_each_packet_to_its_sender(
+    client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    phone = endpoints[0]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=None, echo=True)
+    assert a_side(alloc) == b_side(alloc)
+    for i in range(5):
+        packet = rtp(i, ts=160 * i)
+        phone.send(packet, a_side(alloc))
+        got = phone.recv()
+        assert got is not None and got == (packet, a_side(alloc))
+    a_stats, b_stats = client.release(ref)
+    assert b_stats is None and a_stats is not None and a_stats.packets_out == 5
+
+
+def test_rtcp_is_relayed_between_latched_rtcp_sources(
+    client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    phone, phone_rtcp, carrier, carrier_rtcp = endpoints[:4]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=phone.address, echo=False)
+    client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+    from_carrier = struct.pack("!BBHI", 0x80, 200, 6, 0xB2) + b"\x01" * 20
+    from_phone = struct.pack("!BBHI", 0x80, 201, 6, 0xA1) + b"\x02" * 20
+    a_rtcp, b_rtcp = (alloc.a_address, alloc.a_port + 1), (alloc.b_address, alloc.b_port + 1)
+    # The phone's first report latches A's RTCP (it goes to the carrier's SDP port + 1).
+    phone_rtcp.send(from_phone, a_rtcp)
+    time.sleep(0.05)
+    carrier_rtcp.send(from_carrier, b_rtcp)  # latches B's RTCP, reaches the phone's latched source
+    assert phone_rtcp.recv() == (from_carrier, a_rtcp)
+    phone_rtcp.send(from_phone, a_rtcp)
+    assert carrier_rtcp.recv() == (from_phone, b_rtcp)
+    client.release(ref)
+
+
+def test_media_timeout_reported_once_by_expired(client: RelayClient) -> None:
+    ref = call_ref()
+    client.allocate(ref, a_peer=None, echo=False)
+    deadline = time.monotonic() + 10
+    reported: list[tuple[str, str]] = []
+    while time.monotonic() < deadline and not reported:
+        reported = [e for e in client.expired() if e[0] == ref]
+        time.sleep(0.2)
+    assert reported == [(ref, "media-timeout")]
+    assert [e for e in client.expired() if e[0] == ref] == []
+    a_stats, _b = client.release(ref)
+    assert a_stats is not None and a_stats.packets_in == 0
+
+
+# ------------------------------------------------------------------ control
+
+
+def test_allocate_is_idempotent_per_call_ref(client: RelayClient) -> None:
+    before = sum(s["calls"] for s in client.shard_stats())
+    ref = call_ref()
+    first = client.allocate(ref, a_peer=None, echo=False)
+    assert client.allocate(ref, a_peer=None, echo=False) == first
+    assert sum(s["calls"] for s in client.shard_stats()) == before + 1
+    client.release(ref)
+
+
+def test_retransmitted_command_gets_the_same_reply(relay: LocalRelay) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(WAIT)
+    try:
+        ref = call_ref()
+        datagram = seal(
+            SECRET, {"c": "retx-1", "op": "allocate", "ts": time.time(), "call": ref, "echo": False}
+        )
+        sock.sendto(datagram, relay.control)
+        first = sock.recv(65535)
+        sock.sendto(datagram, relay.control)
+        second = sock.recv(65535)
+        assert first == second
+        reply = open_datagram(SECRET, first)
+        assert reply["ok"] and reply["c"] == "retx-1"
+        shard_port = relay.control[1] + 1 + reply["shard"]
+        delete = seal(SECRET, {"c": "retx-2", "op": "delete", "ts": time.time(), "call": ref})
+        sock.sendto(delete, ("127.0.0.1", shard_port))
+        gone = open_datagram(SECRET, sock.recv(65535))
+        sock.sendto(delete, ("127.0.0.1", shard_port))
+        assert open_datagram(SECRET, sock.recv(65535)) == gone
+        assert (
+            gone["ok"] and gone["a"] is not None
+        )  # not "unknown": the retransmission was not re-executed
+    finally:
+        sock.close()
+
+
+def test_bad_secret_is_ignored(relay: LocalRelay) -> None:
+    intruder = RelayClient(relay.control, b"not-the-secret-at-all", timeout=0.1, retries=1)
+    try:
+        with pytest.raises(MediaUnavailable):
+            intruder.allocate(call_ref(), a_peer=None, echo=False)
+    finally:
+        intruder.close()
+    good = relay.client()
+    try:
+        counters = [s["counters"] for s in good.shard_stats()]
+        assert sum(c.get("control-bad-tag", 0) for c in counters) >= 2
+    finally:
+        good.close()
+
+
+def test_allocations_are_spread_over_shards(client: RelayClient) -> None:
+    refs = [call_ref() for _ in range(4)]
+    for ref in refs:
+        client.allocate(ref, a_peer=None, echo=False)
+    stats = client.shard_stats()
+    assert all(s["calls"] >= 2 for s in stats)
+    for ref in refs:
+        client.release(ref)
+
+
+def test_stats_command_prints_counted_packets(
+    relay: LocalRelay, client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    phone, carrier = endpoints[:2]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=phone.address, echo=False)
+    client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+    for i in range(7):
+        phone.send(rtp(i), a_side(alloc))
+        assert carrier.recv() is not None
+    control = f"{relay.control[0]}:{relay.control[1]}"
+    runner = CliRunner()
+    result = runner.invoke(
+        relay_cli, ["stats", "--control", control, "--secret", SECRET_TEXT, "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    records = [orjson.loads(line) for line in result.output.splitlines()]
+    calls = [r["call"] for r in records if "call" in r and r["call"]["call"] == ref]
+    assert (
+        calls
+        and calls[0]["a"]["rtp"]["packets_in"] == 7
+        and calls[0]["b"]["rtp"]["packets_out"] == 7
+    )
+    assert len([r for r in records if "shard" in r]) == 2
+    text = runner.invoke(relay_cli, ["stats", "--control", control, "--secret", SECRET_TEXT])
+    assert text.exit_code == 0
+    line = next(
+        line for line in text.output.splitlines() if line.startswith(ref[:24]) and " A " in line
+    )
+    assert line.split()[4] == "7"  # packets in on the A leg
+    wrong = runner.invoke(
+        relay_cli, ["stats", "--control", control, "--secret", "x" * 20, "--timeout", "0.1"]
+    )
+    assert wrong.exit_code != 0 and "does not answer" in wrong.output
+    client.release(ref)
+
+
+# ------------------------------------------------------------------ faults
+
+
+def shard_of(stats: list[dict[str, object]], port: int) -> int:
+    for s in stats:
+        lo, hi = s["rtp"]  # type: ignore[misc]
+        if lo <= port <= hi:
+            return int(s["index"])  # type: ignore[call-overload]
+    raise AssertionError(f"port {port} in no slice")
+
+
+def test_killed_shard_restarts_while_other_shard_loses_nothing() -> None:
+    relay = start(16, media_timeout=30.0)
+    client = relay.client()
+    phone, carrier, phone2, carrier2 = (Endpoint() for _ in range(4))
+    try:
+        stats = client.shard_stats()
+        refs = {}
+        for _ in range(4):
+            ref = call_ref()
+            alloc = client.allocate(ref, a_peer=None, echo=False)
+            refs.setdefault(shard_of(stats, alloc.a_port), (ref, alloc))
+        assert set(refs) == {0, 1}
+        victim_ref, _victim = refs[0]
+        ref, alloc = refs[1]
+        client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+        old_pid = int(stats[0]["pid"])  # type: ignore[call-overload]
+        sent = received = 0
+        killed_at = None
+        restarted_after = None
+        for i in range(150):  # 3 s of 20 ms packets
+            if i == 25:
+                os.kill(old_pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+            phone.send(rtp(i, ts=160 * i), a_side(alloc))
+            sent += 1
+            got = carrier.recv()
+            if got is not None and got[0] == rtp(i, ts=160 * i):
+                received += 1
+            if killed_at is not None and restarted_after is None and i % 10 == 0:
+                now_pid = client.shard_stats()[0].get("pid")
+                if now_pid not in (None, old_pid):
+                    restarted_after = time.monotonic() - killed_at
+            time.sleep(0.02)
+        assert received == sent  # zero loss on the other shard
+        assert restarted_after is not None and restarted_after < 5.0
+        lost: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not lost:
+            lost = client.expired()
+            time.sleep(0.2)
+        assert (victim_ref, "relay-lost") in lost
+        assert ref not in [r for r, _ in lost]
+        assert client.release(victim_ref) == (None, None)
+        # The restarted shard took its slice back: new calls land there again.
+        placed = {
+            shard_of(
+                client.shard_stats(), client.allocate(call_ref(), a_peer=None, echo=False).a_port
+            )
+            for _ in range(4)
+        }
+        assert 0 in placed
+        assert client.shard_stats()[0]["restarts"] == 1
+    finally:
+        for e in (phone, carrier, phone2, carrier2):
+            e.close()
+        client.close()
+        relay.stop()
+
+
+def test_port_exhaustion_raises_media_unavailable_and_nothing_else_breaks() -> None:
+    relay = start(8)  # 8 pairs over 2 shards: 4 calls
+    client = relay.client()
+    phone, carrier = Endpoint(), Endpoint()
+    try:
+        allocs = [client.allocate(call_ref(), a_peer=None, echo=False) for _ in range(4)]
+        ports = {a.a_port for a in allocs} | {a.b_port for a in allocs}
+        assert len(ports) == 8
+        with pytest.raises(MediaUnavailable):
+            client.allocate(call_ref(), a_peer=None, echo=False)
+        # a live call still relays
+        ref = allocs[0].call_ref
+        client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+        phone.send(rtp(1), a_side(allocs[0]))
+        assert carrier.recv() is not None
+        # and freeing one makes room again
+        client.release(allocs[1].call_ref)
+        client.allocate(call_ref(), a_peer=None, echo=False)
+        assert sum(s["counters"].get("allocate-exhausted", 0) for s in client.shard_stats()) >= 2
+    finally:
+        phone.close()
+        carrier.close()
+        client.close()
+        relay.stop()
+
+
+def test_standalone_relay_serves_and_stops_on_sigterm() -> None:
+    lo, hi = free_rtp_range(4)
+    from rtp_relay._supervisor import pick_control_port
+
+    port = pick_control_port("127.0.0.1", 1)
+    env = dict(os.environ, KX_RELAY_SECRET=SECRET_TEXT)
+    code = "from kx_sipd.relay_cli import relay; relay()"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "--control",
+            f"127.0.0.1:{port}",
+            "--rtp-range",
+            f"{lo}-{hi}",
+            "--shards",
+            "1",
+            "--media-host",
+            "127.0.0.1",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    client = RelayClient(("127.0.0.1", port), SECRET, timeout=0.5, retries=10)
+    try:
+        alloc = client.allocate(call_ref(), a_peer=None, echo=True)
+        assert lo <= alloc.a_port <= hi
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
