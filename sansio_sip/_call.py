@@ -33,9 +33,22 @@ import attrs
 
 from ._actions import Action, AllocateMedia, CallRecord, Log, ReleaseMedia, Send, UpdateMedia
 from ._config import EngineConfig
+from ._dialog import (
+    ALLOW_IN_DIALOG,
+    Leg,
+    codec_of,
+    contact_uri,
+    contact_value,
+    dialed_digits,
+    make_cancel,
+    make_request,
+    synthetic_response,
+    user_of,
+    without_tag,
+)
 from ._errors import ParseError
 from ._events import ResponseReceived, TransactionTimedOut, TransportFailed
-from ._message import Headers, Request, Response
+from ._message import Request, Response
 from ._model import (
     Account,
     Address,
@@ -57,13 +70,13 @@ from ._sdp import (
 from ._seams import Entropy
 from ._transaction import ClientTransaction, ServerTransaction, TransactionLayer
 from ._tu import Responder, context_of
-from ._uri import SipUri, format_host, parse_uri
+from ._uri import format_host
 from ._wire import format_address
 
 __all__ = ["Call", "CallManager", "CallState"]
 
 _SDP = "application/sdp"
-_ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS"
+_ALLOW = ALLOW_IN_DIALOG
 
 # Carrier answers that must not reach the client as they are (issue 4 §3:
 # "4xx/5xx/6xx passed through with sensible reason"). A redirect would send
@@ -85,29 +98,10 @@ class CallState(enum.Enum):
 
 
 @attrs.define(slots=True, eq=False)
-class _Leg:
-    """One dialog of the call, from kx-sipd's side of it."""
-
-    name: str  # "A" (client) or "B" (carrier)
-    call_id: str
-    local_tag: str
-    local_header: str  # our name-addr (From of our requests), without tag
-    remote_header: str  # their name-addr, with their tag once known
-    remote_target: str  # Request-URI of in-dialog requests
-    destination: Address
-    transport: Transport
-    connection: int | None
-    route_set: tuple[str, ...] = ()
-    remote_tag: str | None = None
-    local_cseq: int = 0
-    last_sdp: bytes = b""  # the last SDP we sent on this leg (offerless re-INVITE answer)
-
-
-@attrs.define(slots=True, eq=False)
 class _Retransmit:
     """A 2xx we retransmit until the ACK with ``cseq`` arrives (§13.3.1.4)."""
 
-    leg: _Leg
+    leg: Leg
     data: bytes
     cseq: int
     interval: float
@@ -119,7 +113,7 @@ class _Retransmit:
 class _Reinvite:
     """A re-INVITE relayed from leg ``origin`` to the other leg."""
 
-    origin: _Leg
+    origin: Leg
     transaction: ServerTransaction
     request: Request
     client: ClientTransaction | None = None
@@ -138,14 +132,14 @@ class Call:
     ref: str
     account: Account
     state: CallState
-    a: _Leg
+    a: Leg
     a_invite: ServerTransaction
     a_request: Request
     original_offer: SessionDescription  # as the client sent it
     offer: SessionDescription  # filtered to what kx-sipd carries
     record: CallRecordData
     echo: bool = False
-    b: _Leg | None = None
+    b: Leg | None = None
     b_invite: ClientTransaction | None = None
     b_ack: bytes | None = None
     media: MediaAllocation | None = None
@@ -207,7 +201,7 @@ class CallManager:
         out: list[Action],
     ) -> None:
         """An INVITE passed authentication: check it and start the call."""
-        dialed = _dialed_digits(request)
+        dialed = dialed_digits(request)
         route = account.route
         echo = dialed == self._config.echo_number or (route is not None and route.host == "echo")
         record = CallRecordData(
@@ -255,13 +249,13 @@ class CallManager:
             out.append(CallRecord(record=final))
             return
         context = context_of(transaction)
-        a_leg = _Leg(
+        a_leg = Leg(
             name="A",
             call_id=request.call_id,
             local_tag=context.to_tag or self._entropy(6).hex(),
-            local_header=_without_tag(request.headers.get("To") or ""),
+            local_header=without_tag(request.headers.get("To") or ""),
             remote_header=request.headers.get("From") or "",
-            remote_target=_contact_uri(request) or request.from_.uri,
+            remote_target=contact_uri(request) or request.from_.uri,
             destination=source,
             transport=transport,
             connection=connection,
@@ -417,11 +411,11 @@ class CallManager:
         digits = route.digits_for(call.record.dialed)
         host = self._config.sip_address[0]
         b_call_id = self._entropy(16).hex()
-        caller = call.account.caller_id or _user_of(call.a_request.from_.uri) or "anonymous"
+        caller = call.account.caller_id or user_of(call.a_request.from_.uri) or "anonymous"
         target = f"sip:{digits}@{format_host(route.host)}:{route.port}"
         if route.transport is Transport.TCP:
             target += ";transport=tcp"
-        b_leg = _Leg(
+        b_leg = Leg(
             name="B",
             call_id=b_call_id,
             local_tag=self._entropy(6).hex(),
@@ -458,46 +452,23 @@ class CallManager:
 
     def _request(
         self,
-        leg: _Leg,
+        leg: Leg,
         method: str,
         *,
         extra: tuple[tuple[str, str], ...] = (),
         body: bytes = b"",
         cseq: int | None = None,
     ) -> Request:
-        """A request of ours inside ``leg``'s dialog (§12.2.1.1)."""
-        if cseq is None:
-            leg.local_cseq += 1
-            cseq = leg.local_cseq
-        host, port = self._config.sip_address
-        transport = leg.transport.value
-        headers = Headers()
-        headers.add(
-            "Via",
-            f"SIP/2.0/{transport} {format_host(host)}:{port}"
-            f";branch=z9hG4bK{self._entropy(10).hex()};rport",
+        return make_request(
+            leg,
+            method,
+            sip_address=self._config.sip_address,
+            branch=f"z9hG4bK{self._entropy(10).hex()}",
+            user_agent=self._config.server_name,
+            extra=extra,
+            body=body,
+            cseq=cseq,
         )
-        for route in leg.route_set:
-            headers.add("Route", route)
-        if not any(name.lower() == "max-forwards" for name, _ in extra):
-            headers.add("Max-Forwards", "70")
-        headers.add("From", f"{leg.local_header};tag={leg.local_tag}")
-        headers.add("To", leg.remote_header)
-        headers.add("Call-ID", leg.call_id)
-        headers.add("CSeq", f"{cseq} {method}")
-        if method == "INVITE":
-            contact = f"<sip:{format_host(host)}:{port}"
-            if leg.transport is Transport.TCP:
-                contact += ";transport=tcp"
-            headers.add("Contact", contact + ">")
-        for name, value in extra:
-            headers.add(name, value)
-        if method == "INVITE":
-            headers.add("Allow", _ALLOW)
-        headers.add("User-Agent", self._config.server_name)
-        if body:
-            headers.add("Content-Type", _SDP)
-        return Request(method, leg.remote_target, headers, body)
 
     def _b_response(
         self, call: Call, role: str, response: Response, now: float, wall: float, out: list[Action]
@@ -514,7 +485,7 @@ class CallManager:
     def _b_invite_response(
         self,
         call: Call,
-        b_leg: _Leg,
+        b_leg: Leg,
         response: Response,
         now: float,
         wall: float,
@@ -540,7 +511,7 @@ class CallManager:
         if 200 <= code < 300:
             b_leg.remote_tag = response.to.tag
             b_leg.remote_header = response.headers.get("To") or b_leg.remote_header
-            b_leg.remote_target = _contact_uri(response) or b_leg.remote_target
+            b_leg.remote_target = contact_uri(response) or b_leg.remote_target
             b_leg.route_set = tuple(reversed(response.headers.get_all("Record-Route")))
             self._ack_b(call, response, now, wall, out)
             if call.state is CallState.ENDED or call.cancelled:
@@ -573,7 +544,7 @@ class CallManager:
                 except ParseError:
                     peer = None
                 out.append(UpdateMedia(call_ref=call.ref, b_peer=peer))
-            codec = _codec_of(response.body)
+            codec = codec_of(response.body)
             call.record = attrs.evolve(call.record, codec=codec)
             self._answer_a(call, code, response.reason, body, now, wall, out)
             return
@@ -714,12 +685,8 @@ class CallManager:
         if data is not None:
             self._retransmit(call, call.a, data, call.a_request.cseq.number, now)
 
-    def _contact_headers(self, leg: _Leg) -> tuple[tuple[str, str], ...]:
-        host, port = self._config.sip_address
-        contact = f"<sip:{format_host(host)}:{port}"
-        if leg.transport is Transport.TCP:
-            contact += ";transport=tcp"
-        return (("Contact", contact + ">"),)
+    def _contact_headers(self, leg: Leg) -> tuple[tuple[str, str], ...]:
+        return (("Contact", contact_value(self._config.sip_address, leg.transport)),)
 
     def _fail_a(
         self,
@@ -823,7 +790,7 @@ class CallManager:
     def _reinvite(
         self,
         call: Call,
-        leg: _Leg,
+        leg: Leg,
         transaction: ServerTransaction,
         request: Request,
         now: float,
@@ -990,16 +957,7 @@ class CallManager:
         if call.cancel_sent or call.b_invite is None or call.b is None:
             return
         call.cancel_sent = True
-        invite = call.b_invite.request
-        headers = Headers()
-        headers.add("Via", invite.headers.get("Via") or "")
-        headers.add("Max-Forwards", "70")
-        headers.add("From", invite.headers.get("From") or "")
-        headers.add("To", invite.headers.get("To") or "")
-        headers.add("Call-ID", invite.call_id)
-        headers.add("CSeq", f"{invite.cseq.number} CANCEL")
-        headers.add("User-Agent", self._config.server_name)
-        cancel = Request("CANCEL", invite.uri, headers)
+        cancel = make_cancel(call.b_invite.request, user_agent=self._config.server_name)
         _, items = self._transactions.create_client(
             cancel,
             destination=call.b.destination,
@@ -1041,7 +999,7 @@ class CallManager:
         wall: float,
         out: list[Action],
         *,
-        skip: _Leg | None = None,
+        skip: Leg | None = None,
     ) -> None:
         """Write the final record, hang up the legs still up, free everything.
 
@@ -1117,7 +1075,7 @@ class CallManager:
         if starts is not None and not starts:
             del self._recent_starts[call.account.username]
 
-    def _bye(self, call: Call, leg: _Leg, now: float, wall: float, out: list[Action]) -> None:
+    def _bye(self, call: Call, leg: Leg, now: float, wall: float, out: list[Action]) -> None:
         bye = self._request(leg, "BYE")
         _, items = self._transactions.create_client(
             bye,
@@ -1168,7 +1126,7 @@ class CallManager:
             elif role.kind == "reinvite":
                 self._reinvite_response(
                     call,
-                    _synthetic(event.transaction.request, 408, "Request Timeout"),
+                    synthetic_response(event.transaction.request, 408, "Request Timeout"),
                     now,
                     wall,
                     out,
@@ -1191,7 +1149,7 @@ class CallManager:
 
     # ---------------------------------------------------------------- timers
 
-    def _retransmit(self, call: Call, leg: _Leg, data: bytes, cseq: int, now: float) -> None:
+    def _retransmit(self, call: Call, leg: Leg, data: bytes, cseq: int, now: float) -> None:
         t1 = self._config.t1
         if leg.transport.reliable:
             # §13.3.1.4: on a reliable transport the 2xx is not retransmitted,
@@ -1298,76 +1256,3 @@ class CallManager:
                 message=data[:4096].decode("utf-8", "replace"),
             )
         )
-
-
-def _dialed_digits(request: Request) -> str | None:
-    """The Request-URI user part as E.164 digits without '+' (guide §5), or None."""
-    try:
-        uri = parse_uri(request.uri)
-    except ParseError:
-        return None
-    if isinstance(uri, SipUri):
-        user = uri.user_unescaped
-    else:
-        user = getattr(uri, "number", None)
-    if not user:
-        return None
-    user = user.split(";", 1)[0]
-    digits = user[1:] if user.startswith("+") else user
-    # Visual separators of RFC 3966 are allowed by dialers; nothing else.
-    digits = digits.replace("-", "").replace(".", "").replace("(", "").replace(")", "")
-    return digits if digits.isdigit() or digits in ("*", "#") else None
-
-
-def _user_of(uri_text: str) -> str | None:
-    try:
-        uri = parse_uri(uri_text)
-    except ParseError:
-        return None
-    return uri.user if isinstance(uri, SipUri) else None
-
-
-def _contact_uri(message: Request | Response) -> str | None:
-    value = message.headers.get("Contact")
-    if value is None:
-        return None
-    from ._headers import parse_contact
-
-    try:
-        contact = parse_contact(value)
-    except ParseError:
-        return None
-    return None if contact == "*" else contact.uri
-
-
-def _without_tag(value: str) -> str:
-    from ._headers import parse_name_addr
-
-    try:
-        name_addr = parse_name_addr(value)
-    except ParseError:
-        return value
-    return str(
-        attrs.evolve(
-            name_addr, params=tuple((k, v) for k, v in name_addr.params if k.lower() != "tag")
-        )
-    )
-
-
-def _codec_of(body: bytes) -> str | None:
-    if not body:
-        return None
-    try:
-        return codec_name(parse_sdp(body))
-    except ParseError:
-        return None
-
-
-def _synthetic(request: Request, code: int, reason: str) -> Response:
-    """A locally generated final response (a timeout becomes a 408, STYLE §5)."""
-    headers = Headers()
-    for name in ("Via", "From", "To", "Call-ID", "CSeq"):
-        value = request.headers.get(name)
-        if value is not None:
-            headers.add(name, value)
-    return Response(code, reason, headers)

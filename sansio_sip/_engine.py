@@ -485,6 +485,9 @@ class Engine:
                 return 415, "Unsupported Media Type", (("Accept", _ACCEPT),)
         if request.method == "INVITE" and request.max_forwards == 0:
             return 483, "Too Many Hops", ()
+        if request.method == "REGISTER" and not isinstance(request.to.parsed_uri, SipUri):
+            # RFC 3261 §10.2: an address-of-record is a SIP or SIPS URI.
+            return 400, "Address-of-record is not a SIP URI", ()
         return None
 
     def _on_ack(
