@@ -969,10 +969,29 @@ def render_reference() -> str:
         "Generated from the click commands and `kx_sipd.settings.ServerSettings` by",
         "`tests/unit/test_cli_docs.py` (run it with `KX_REGEN_DOCS=1` to rewrite this file).",
         "",
+        "## The database",
+        "",
+        "One SQLite file (`--db`, env `KX_DB`, default `./kx.sqlite`) holds the accounts, the",
+        "routes and the call records. It is made for one digest realm (the stored HA1s depend",
+        "on it) and holds the nonce secret, so every kx-sipd process using the file signs",
+        "nonces alike. Changes made with these commands while the server runs are seen by",
+        "its very next request. A call record is on disk (fsynced) before the server",
+        "acknowledges the request that ended the call, so it survives a killed process and",
+        "a power cut. Operator errors print one `Error:` line and exit with status 1; usage",
+        "errors exit with status 2.",
+        "",
     ]
 
     def walk(command: click.Command, path: list[str], parent: click.Context | None) -> None:
-        ctx = click.Context(command, info_name=path[-1], parent=parent)
+        # A fixed width, so the file does not depend on the terminal it was made in.
+        ctx = click.Context(
+            command,
+            info_name=path[-1],
+            parent=parent,
+            terminal_width=100,
+            max_content_width=100,
+            help_option_names=["-h", "--help"],
+        )
         lines.extend([f"## `{' '.join(path)}`", "", "```", command.get_help(ctx), "```", ""])
         if isinstance(command, click.Group):
             for name in command.list_commands(ctx):
