@@ -31,6 +31,7 @@ import orjson
 from sansio_sip import Address, CallRecordData, MediaStats, Route, StoreUnavailable, Transport
 
 from . import __version__
+from .relay_cli import relay
 from .settings import (
     DEFAULT_DB,
     DEFAULT_DEMO_DB,
@@ -956,6 +957,11 @@ def prepare_demo(db: str, realm: str | None) -> str:
             store.update_account(DEMO_USERNAME, route=ECHO_ROUTE)
             store.set_active(DEMO_USERNAME, True)
         return store.realm
+
+
+# -- the RTP relay (kx_sipd/relay_cli.py) -------------------------------------
+
+main.add_command(relay)
 
 
 # -- reference documentation -------------------------------------------------
