@@ -88,6 +88,21 @@ _VIA = re.compile(
     rf"([{_TOKEN_CHARS}]+)[ \t]*/[ \t]*([{_TOKEN_CHARS}]+)[ \t]*/[ \t]*([{_TOKEN_CHARS}]+)"
     r"[ \t]+(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?:[ \t]*:[ \t]*([0-9]{1,5}))?[ \t]*",
 )
+_PLAIN_PARAMS = (
+    rf"(?:;[{_TOKEN_CHARS}]+(?:=(?:[{_TOKEN_CHARS}:]+|\[[0-9A-Fa-f:.]+\]|\"[^\"\\\\;\r\n]*\"))?)*"
+)
+_VIA_PLAIN = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([0-9]{1,5}))?"
+    rf"({_PLAIN_PARAMS})"
+)
+# [display-name] <uri> params, with display-name quoted or a run of text.
+_NAME_ADDR_PLAIN = re.compile(
+    r'(?:"((?:[^"\\\r\n]|\\[^\r\n])*)"[ \t]*|([^"<]*?)[ \t]*)'
+    r'<([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>"]+)>'
+    rf"[ \t]*({_PLAIN_PARAMS})"
+)
+_ADDR_SPEC_PLAIN = re.compile(rf'([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>",?;]+)({_PLAIN_PARAMS})')
+_UNESCAPE_QUOTED = re.compile(r"\\(.)", re.DOTALL)
 _URI_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*:[^\s<>\"]+")
 _CSEQ_MAX = 2**31 - 1  # RFC 3261 §8.1.1.5: "MUST be expressible as a 32-bit unsigned
 # integer and MUST be less than 2**31"
@@ -105,6 +120,8 @@ def split_header_values(value: str) -> list[str]:
     """Split a comma-joined header value at top-level commas (RFC 3261 §7.3.1),
     not inside quoted strings or ``<>``. Items are stripped; empty items are
     kept (callers decide whether an empty element is an error)."""
+    if "," not in value:
+        return [value.strip(" \t")]
     if '"' not in value and "<" not in value:
         return [item.strip(" \t") for item in value.split(",")]
     out: list[str] = []
@@ -295,9 +312,36 @@ class Via:
         return f"{self.protocol}/{self.transport} {self.sent_by}{_format_params(self.params)}"
 
 
+def _plain_params(text: str) -> Params:
+    """Split ``;a=b;c`` already matched by a strict pattern (no LWS, no quotes)."""
+    out: list[tuple[str, str | None]] = []
+    for item in text[1:].split(";"):
+        name, eq, value = item.partition("=")
+        out.append((name, value if eq else None))
+    return tuple(out)
+
+
 def parse_via(value: str) -> Via:
     """Parse one Via value (already split at commas), LWS allowed anywhere the
     grammar allows it (RFC 4475 wsinv). Raises ``ParseError("Bad Via")``."""
+    m = _VIA_PLAIN.fullmatch(value)
+    if m is not None:
+        # The form every stack sends: no LWS inside, unquoted parameters.
+        transport, host, port_text, params_text = m.groups()
+        port = None
+        if port_text is not None:
+            port = int(port_text)
+            if port > 65535:
+                raise ParseError("Bad Via")
+        if host[0] == "[":
+            host = host[1:-1]
+        return Via(
+            "SIP/2.0",
+            transport.upper(),
+            host,
+            port,
+            _plain_params(params_text) if params_text else (),
+        )
     m = _VIA.match(value)
     if m is None:
         raise ParseError("Bad Via")
@@ -416,6 +460,24 @@ def parse_name_addr(value: str, *, header: str = "name-addr") -> NameAddr:
     without quotes or ``<`` (softphones write UTF-8 names unquoted); they
     are kept with runs of whitespace collapsed to one SP (§25.1: tokens
     separated by LWS). Raises ``ParseError("Bad <header>")``."""
+    m = _NAME_ADDR_PLAIN.fullmatch(value) if "<" in value else None
+    if m is not None:
+        # The common shapes: no LWS inside, parameter values without ';'.
+        quoted, text, uri, params_text = m.groups()
+        display: str | None = None
+        if quoted is not None:
+            display = _UNESCAPE_QUOTED.sub(r"\1", quoted) if "\\" in quoted else quoted
+        elif text:
+            display = " ".join(text.split()) or None
+        return NameAddr(display, uri, _plain_params(params_text) if params_text else ())
+    m = _ADDR_SPEC_PLAIN.fullmatch(value)
+    if m is not None:
+        uri, params_text = m.groups()
+        return NameAddr(None, uri, _plain_params(params_text) if params_text else (), False)
+    return _parse_name_addr_general(value, header)
+
+
+def _parse_name_addr_general(value: str, header: str) -> NameAddr:
     v = value.strip(" \t")
     if not v:
         raise ParseError(f"Bad {header}")

@@ -59,9 +59,9 @@ __all__ = [
     "parse_message",
 ]
 
-# Header names as softphones and carriers usually spell them -> lookup key.
-# A read-only table: it only spares the common case a lower() call and a
-# token check.
+# Header names as softphones and carriers usually spell them -> lookup key
+# (lower-case long form). A read-only table that spares the common case a
+# lower() call and a token check; other spellings go through canonical_name.
 _KNOWN_NAMES: dict[str, str] = {}
 for _long in (
     "Via", "From", "To", "Call-ID", "CSeq", "Contact", "Max-Forwards", "Content-Length",
@@ -72,18 +72,21 @@ for _long in (
     "Content-Encoding", "Organization", "Timestamp", "Retry-After", "Reason", "Privacy",
     "P-Asserted-Identity", "P-Preferred-Identity", "Remote-Party-ID", "RSeq", "RAck",
     "Refer-To", "Referred-By", "Min-Expires", "Warning", "Path", "Authentication-Info",
+    "Call-Id", "Cseq", "Www-Authenticate", "Accept-Language", "Accept-Encoding",
 ):  # fmt: skip
-    _KNOWN_NAMES[_long] = _long.lower()
-    _KNOWN_NAMES[_long.lower()] = _long.lower()
-    _KNOWN_NAMES[_long.upper()] = _long.lower()
-_KNOWN_NAMES["Call-Id"] = "call-id"
-_KNOWN_NAMES["Cseq"] = "cseq"
-_KNOWN_NAMES["CSEQ"] = "cseq"
-_KNOWN_NAMES["Www-Authenticate"] = "www-authenticate"
+    for _spelling in (_long, _long.lower(), _long.upper()):
+        _KNOWN_NAMES[_spelling] = _long.lower()
 for _short, _long_lower in _COMPACT_LOWER.items():
     _KNOWN_NAMES[_short] = _long_lower
     _KNOWN_NAMES[_short.upper()] = _long_lower
-del _long, _short, _long_lower
+del _long, _spelling, _short, _long_lower
+
+
+def _key(name: str) -> str:
+    """The lookup key of a header name (``"v"``, ``"VIA"`` -> ``"via"``)."""
+    key = _KNOWN_NAMES.get(name)
+    return key if key is not None else canonical_name(name)
+
 
 # Headers whose grammar is a comma-separated list (RFC 3261 §7.3.1 allows
 # joining and splitting only these). Everything else -- auth headers, Date,
@@ -121,11 +124,6 @@ DEFAULT_MAX_SIZE = 65535
 """A UDP datagram cannot carry more; §18.1.1 caps what a UDP sender may use."""
 
 
-def _lookup_key(name: str) -> str:
-    key = _KNOWN_NAMES.get(name)
-    return key if key is not None else canonical_name(name)
-
-
 def _check_field(name: str, value: str) -> None:
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"invalid header name {name!r}")
@@ -142,36 +140,65 @@ class Headers:
     ``cseq`` ...) are cached here and dropped by every mutation.
     """
 
-    __slots__ = ("_cache", "_fields", "_index")
+    __slots__ = ("_cache", "_fields", "_first", "_keys")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields: list[tuple[str, str]] = []
         for name, value in fields:
             _check_field(name, value)
             self._fields.append((name, value))
-        self._index: dict[str, list[int]] | None = None
+        # Lower-case names aligned with _fields, and name -> first position;
+        # both rebuilt on demand after a mutation.
+        self._keys: list[str] | None = None
+        self._first: dict[str, int] | None = None
         self._cache: dict[str, Any] = {}
 
     @classmethod
-    def _trusted(cls, fields: list[tuple[str, str]], index: dict[str, list[int]] | None) -> Headers:
-        """Build from fields the parser already validated, with their index."""
+    def _trusted(cls, fields: list[tuple[str, str]], keys: list[str] | None = None) -> Headers:
+        """Build from fields the parser already validated (and their lookup keys)."""
         self = cls.__new__(cls)
         self._fields = fields
-        self._index = index
+        self._keys = keys
+        self._first = None
         self._cache = {}
         return self
 
+    def _first_map(self) -> dict[str, int]:
+        first = self._first
+        if first is None:
+            keys = self._keys
+            if keys is None:
+                keys = self._keys = [_key(name) for name, _ in self._fields]
+            # Reversed so that the first occurrence of each name wins.
+            first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True))
+            self._first = first
+        return first
+
+    def _position(self, name: str) -> int | None:
+        """Position of the first field of that name, or None."""
+        first = self._first
+        if first is None:
+            first = self._first_map()
+        return first.get(_key(name))
+
     def _positions(self, name: str) -> list[int]:
-        index = self._index
-        if index is None:
-            index = {}
-            for i, (field_name, _) in enumerate(self._fields):
-                index.setdefault(_lookup_key(field_name), []).append(i)
-            self._index = index
-        return index.get(_lookup_key(name), [])
+        """Positions of every field of that name, in order."""
+        first = self._first
+        if first is None:
+            first = self._first_map()
+        key = _key(name)
+        i = first.get(key)
+        if i is None:
+            return []
+        keys = self._keys
+        assert keys is not None  # built with the map
+        if keys.count(key) == 1:
+            return [i]
+        return [j for j, k in enumerate(keys) if k == key]
 
     def _changed(self) -> None:
-        self._index = None
+        self._keys = None
+        self._first = None
         if self._cache:
             self._cache = {}
 
@@ -182,7 +209,7 @@ class Headers:
         return len(self._fields)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and bool(self._positions(name))
+        return isinstance(name, str) and self._position(name) is not None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Headers):
@@ -196,17 +223,16 @@ class Headers:
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The raw value of the first field of that name, else ``default``."""
-        positions = self._positions(name)
-        return self._fields[positions[0]][1] if positions else default
+        i = self._position(name)
+        return default if i is None else self._fields[i][1]
 
     def get_all(self, name: str) -> list[str]:
         """Every value of that header, in order. For list headers (Via, Route,
         Contact, Require ...) comma-joined values are split at top-level
         commas and empty elements dropped; other headers (auth headers, Date,
         unknown ones) are returned one value per field, never split."""
-        key = _lookup_key(name)
         positions = self._positions(name)
-        if key not in _LIST_HEADERS:
+        if _key(name) not in _LIST_HEADERS:
             return [self._fields[i][1] for i in positions]
         out: list[str] = []
         for i in positions:
@@ -250,10 +276,9 @@ class Headers:
     def pop_first_value(self, name: str) -> str | None:
         """Remove and return the first comma-separated value of the first field
         of that name (popping a Via or Route); the field goes when it empties."""
-        positions = self._positions(name)
-        if not positions:
+        i = self._position(name)
+        if i is None:
             return None
-        i = positions[0]
         field_name, value = self._fields[i]
         values = split_header_values(value)
         first = values[0]
@@ -267,7 +292,9 @@ class Headers:
 
     def copy(self) -> Headers:
         """An independent copy (same fields; caches are not shared)."""
-        return Headers._trusted(list(self._fields), None)
+        return Headers._trusted(
+            list(self._fields), None if self._keys is None else list(self._keys)
+        )
 
 
 class _Message(abc.ABC):
@@ -603,27 +630,25 @@ def _parse_status_line(line: str) -> tuple[str, int, str]:
     return version, int(code), reason
 
 
-def _split_fields(lines: list[str]) -> tuple[list[tuple[str, str]], dict[str, list[int]]]:
+def _split_fields(lines: list[str], status: int | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Header lines (folding already undone) as (name, value) pairs, plus each
+    field's lookup key."""
     fields: list[tuple[str, str]] = []
-    index: dict[str, list[int]] = {}
+    keys: list[str] = []
     known = _KNOWN_NAMES
-    for i, line in enumerate(lines):
+    for line in lines:
         name, sep, value = line.partition(":")
         key = known.get(name)
         if key is None:
             if not sep:
-                raise ParseError("Bad header line")
+                raise ParseError("Bad header line", status)
             name = name.rstrip(" \t")  # "TO :" -- LWS before the colon (RFC 4475 wsinv)
             if not _TOKEN.fullmatch(name):
-                raise ParseError("Bad header name")
+                raise ParseError("Bad header name", status)
             key = canonical_name(name)
         fields.append((name, value.strip(" \t")))
-        positions = index.get(key)
-        if positions is None:
-            index[key] = [i]
-        else:
-            positions.append(i)
-    return fields, index
+        keys.append(key)
+    return fields, keys
 
 
 def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request | Response:
@@ -654,27 +679,30 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     lines = head.split("\r\n")
     first = lines[0]
     message: Request | Response
-    try:
-        if is_response:
-            version, code, reason = _parse_status_line(first)
-            fields, index = _split_fields(lines[1:]) if len(lines) > 1 else ([], {})
-            message = Response(code, reason, Headers._trusted(fields, index), b"", version)
-        else:
+    if is_response:
+        version, code, reason = _parse_status_line(first)
+    else:
+        try:
             method, uri, version = _parse_request_line(first)
-            if method == "ACK":
-                status = None
-            fields, index = _split_fields(lines[1:]) if len(lines) > 1 else ([], {})
-            message = Request(method, uri, Headers._trusted(fields, index), b"", version)
-    except ParseError as exc:
-        if exc.status_code is not None and status is None:
-            raise ParseError(exc.reason, None) from None
-        raise
+        except ParseError as exc:
+            if first.startswith("ACK ") and exc.status_code is not None:
+                raise ParseError(exc.reason, None) from None
+            raise
+        if method == "ACK":
+            status = None  # §17.2.1: an ACK is never answered
     breaks = len(lines) - 1
-    if head.count("\n") != breaks or head.count("\r") != breaks:
+    if head.count("\r") != breaks or head.count("\n") != breaks:
         raise ParseError("Bare CR or LF in header block", status)
+    del lines[0]
+    fields, keys = _split_fields(lines, status)
+    headers = Headers._trusted(fields, keys)
+    if is_response:
+        message = Response(code, reason, headers, b"", version)
+    else:
+        message = Request(method, uri, headers, b"", version)
 
     body_start = head_end + 4
-    lengths = index.get("content-length")
+    lengths = headers._positions("content-length")
     if lengths:
         values = {fields[i][1] for i in lengths}
         if len(values) > 1:
@@ -689,19 +717,20 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     else:
         message.body = data[body_start:]
 
-    # The facts every element relies on, checked once (RFC 4475 §3.1.2, §3.3.1).
+    # The facts every element relies on, checked once (RFC 4475 §3.1.2, §3.3.1);
+    # the results stay cached for the engine.
     message.vias  # noqa: B018
     message.from_  # noqa: B018
     message.to  # noqa: B018
     message.call_id  # noqa: B018
     cseq = message.cseq
-    if "contact" in index:
+    if "contact" in keys:
         message.contacts  # noqa: B018
-    if "date" in index:
-        for value in message.headers.get_all("date"):
+    if "date" in keys:
+        for value in headers.get_all("date"):
             if not _DATE.fullmatch(value):
                 raise ParseError("Bad Date", status)
-    if isinstance(message, Request) and cseq.method != message.method:
+    if not is_response and cseq.method != method:
         raise ParseError("CSeq method does not match", status)
     return message
 
