@@ -46,6 +46,10 @@ class TimerName(enum.Enum):
     L = "L"  # INVITE server, RFC 6026 Accepted: absorb INVITE retransmissions, 64*T1
     M = "M"  # INVITE client, RFC 6026 Accepted: accept 2xx retransmissions, 64*T1
 
+    # Members are singletons: identity hashing is exact and, unlike Enum's
+    # name hashing, costs no Python call on every dict look-up.
+    __hash__ = object.__hash__
+
 
 OwnerT = TypeVar("OwnerT", bound=Hashable)
 
@@ -65,43 +69,51 @@ class TimerQueue(Generic[OwnerT]):
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, OwnerT, TimerName]] = []
-        self._armed: dict[tuple[OwnerT, TimerName], tuple[float, int]] = {}
+        # owner -> letter -> (deadline, arming sequence); a heap entry is live
+        # only while this still holds its (deadline, sequence).
+        self._armed: dict[OwnerT, dict[TimerName, tuple[float, int]]] = {}
+        self._count = 0
         self._sequence = itertools.count()
 
     def __len__(self) -> int:
         """Number of armed (live) deadlines."""
-        return len(self._armed)
+        return self._count
 
     def arm(self, owner: OwnerT, name: TimerName, deadline: float) -> None:
         """Set ``owner``'s timer ``name`` to fire at ``deadline`` (absolute seconds)."""
         sequence = next(self._sequence)
-        self._armed[(owner, name)] = (deadline, sequence)
+        timers = self._armed.get(owner)
+        if timers is None:
+            timers = self._armed[owner] = {}
+        if name not in timers:
+            self._count += 1
+        timers[name] = (deadline, sequence)
         heapq.heappush(self._heap, (deadline, sequence, owner, name))
-        if len(self._heap) > 2 * len(self._armed) + _COMPACT_SLACK:
+        if len(self._heap) > 2 * self._count + _COMPACT_SLACK:
             self._compact()
 
     def cancel(self, owner: OwnerT, name: TimerName) -> None:
         """Forget ``owner``'s timer ``name`` if it is armed."""
-        self._armed.pop((owner, name), None)
+        timers = self._armed.get(owner)
+        if timers is not None and timers.pop(name, None) is not None:
+            self._count -= 1
+            if not timers:
+                del self._armed[owner]
 
     def cancel_all(self, owner: OwnerT) -> None:
         """Forget every timer of ``owner``."""
-        for name in TimerName:
-            self._armed.pop((owner, name), None)
+        timers = self._armed.pop(owner, None)
+        if timers is not None:
+            self._count -= len(timers)
 
     def deadline(self, owner: OwnerT, name: TimerName) -> float | None:
         """The absolute deadline of ``owner``'s timer ``name``, or None when not armed."""
-        entry = self._armed.get((owner, name))
+        entry = self._armed.get(owner, {}).get(name)
         return None if entry is None else entry[0]
 
     def deadlines(self, owner: OwnerT) -> dict[TimerName, float]:
         """Every armed timer of ``owner`` with its deadline."""
-        found: dict[TimerName, float] = {}
-        for name in TimerName:
-            entry = self._armed.get((owner, name))
-            if entry is not None:
-                found[name] = entry[0]
-        return found
+        return {name: entry[0] for name, entry in self._armed.get(owner, {}).items()}
 
     def next_deadline(self) -> float | None:
         """The earliest armed deadline, or None when nothing is armed."""
@@ -117,21 +129,23 @@ class TimerQueue(Generic[OwnerT]):
         if not self._heap or self._heap[0][0] > now:
             return None
         deadline, _sequence, owner, name = heapq.heappop(self._heap)
-        del self._armed[(owner, name)]
+        self.cancel(owner, name)
         return owner, name, deadline
-
-    def _is_live(self, entry: tuple[float, int, OwnerT, TimerName]) -> bool:
-        deadline, sequence, owner, name = entry
-        return self._armed.get((owner, name)) == (deadline, sequence)
 
     def _drop_stale_top(self) -> None:
         heap = self._heap
-        while heap and not self._is_live(heap[0]):
+        armed = self._armed
+        while heap:
+            deadline, sequence, owner, name = heap[0]
+            timers = armed.get(owner)
+            if timers is not None and timers.get(name) == (deadline, sequence):
+                return
             heapq.heappop(heap)
 
     def _compact(self) -> None:
         self._heap = [
             (deadline, sequence, owner, name)
-            for (owner, name), (deadline, sequence) in self._armed.items()
+            for owner, timers in self._armed.items()
+            for name, (deadline, sequence) in timers.items()
         ]
         heapq.heapify(self._heap)

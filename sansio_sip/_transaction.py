@@ -90,6 +90,8 @@ class TransactionState(enum.Enum):
     ACCEPTED = "Accepted"
     TERMINATED = "Terminated"
 
+    __hash__ = object.__hash__  # identity: members are singletons (see _timers)
+
 
 class Machine(enum.Enum):
     """Which of the four §17 machines a transaction runs."""
@@ -98,6 +100,8 @@ class Machine(enum.Enum):
     NON_INVITE_CLIENT = "non-INVITE client"
     INVITE_SERVER = "INVITE server"
     NON_INVITE_SERVER = "non-INVITE server"
+
+    __hash__ = object.__hash__  # identity: members are singletons (see _timers)
 
 
 class TransactionInput(enum.Enum):
@@ -109,6 +113,8 @@ class TransactionInput(enum.Enum):
     SUCCESS = "2xx"
     FAILURE = "300-699"
     TRANSPORT_ERROR = "transport error"
+
+    __hash__ = object.__hash__  # identity: members are singletons (see _timers)
 
 
 class _Effect(enum.Enum):
@@ -211,7 +217,9 @@ class ServerTransaction:
 
     ``response_destination`` is where responses go (§18.2.2, RFC 3581 §4);
     ``last_response`` holds the bytes of the most recent response sent, kept
-    for retransmission. ``owner`` and ``owner_tag`` are opaque slots for the TU.
+    for retransmission, ``last_status`` its status code; ``final_to_tag`` is
+    the To tag of the final response, kept for RFC 2543 ACK matching only.
+    ``owner`` is an opaque slot for the TU.
     """
 
     key: TransactionKey
@@ -228,7 +236,6 @@ class ServerTransaction:
     final_to_tag: str | None = None
     retransmit_interval: float = 0.0
     owner: object | None = None
-    owner_tag: str | None = None  # the To tag the TU chose for its responses (a TU slot)
 
 
 @attrs.define(slots=True, eq=False, kw_only=True)
@@ -744,7 +751,8 @@ class TransactionLayer:
             data = bytes(response)
             transaction.last_response = data
             transaction.last_status = response.status_code
-            if response.status_code >= 200:
+            if response.status_code >= 200 and transaction.key[0] == "2543":
+                # Only RFC 2543 ACK matching needs the tag (§17.2.3); spare the parse otherwise.
                 transaction.final_to_tag = response.to.tag
             return [self._send_response(transaction, data)]
         if transaction.last_response is None:  # RESEND_* before any response: nothing to re-send
