@@ -177,6 +177,7 @@ class Server:
         self._next_ident = 1
         self._counters: Counter[str] = Counter()
         self._records_pending = 0
+        self._inline_resume = 0.0
         self._stopping = False
         self._hurry = anyio.Event()
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -326,7 +327,8 @@ class Server:
                 case CloseConnection():
                     self._close_connection(action.connection, action.reason)
                 case LookupAccount():
-                    self._start(self._lookup_account, action)
+                    if not self._lookup_inline(action):
+                        self._start(self._lookup_account, action)
                 case AllocateMedia():
                     self._start(self._allocate_media, action)
                 case UpdateMedia():
@@ -568,6 +570,38 @@ class Server:
             "transport_failed",
         )
 
+    def _lookup_inline(self, action: LookupAccount) -> bool:
+        """The fast path (see options.py): ask the store from the loop while it answers
+        within ``inline_budget``; False sends the look-up to a worker thread instead."""
+        options = self._options
+        if not options.store_inline or time.monotonic() < self._inline_resume:
+            return False
+        engine = self._engine
+        start = time.monotonic()
+        try:
+            account = self._store.get_account(action.username)
+        except Exception as exc:
+            self._suspend_inline(start, "failed")
+            self._backend_failed("store", "get_account", exc)
+            self._submit_soon(partial(engine.account_unavailable, action.token), "account")
+            return True
+        if time.monotonic() - start > options.inline_budget:
+            self._suspend_inline(start, "slow")
+        self._counters["store_inline_lookups"] += 1
+        self._submit_soon(partial(engine.account_found, action.token, account), "account")
+        return True
+
+    def _suspend_inline(self, start: float, why: str) -> None:
+        self._inline_resume = time.monotonic() + self._options.inline_cooldown
+        self._counters["store_inline_suspended"] += 1
+        self._note(
+            "warning",
+            "store.inline_suspended",
+            reason=why,
+            took_ms=round((time.monotonic() - start) * 1000, 1),
+            cooldown_s=self._options.inline_cooldown,
+        )
+
     async def _lookup_account(self, action: LookupAccount) -> None:
         engine = self._engine
         try:
@@ -578,6 +612,7 @@ class Server:
             self._backend_failed("store", "get_account", exc)
             await self._submit(partial(engine.account_unavailable, action.token), "account")
             return
+        self._counters["store_thread_lookups"] += 1
         await self._submit(partial(engine.account_found, action.token, account), "account")
 
     async def _allocate_media(self, action: AllocateMedia) -> None:

@@ -227,13 +227,41 @@ def test_account_lookup_found_unknown_and_unavailable(driver: str) -> None:
 def test_slow_store_past_its_deadline_is_unavailable_and_loop_keeps_serving(driver: str) -> None:
     if driver == "socket":
         pytest.skip("io_socket calls the store inline by design (io_socket/server.py)")
-    with running(driver, store_timeout=0.3) as run, udp_client(run) as client:
+    with running(driver, store_timeout=0.3, store_inline=False) as run, udp_client(run) as client:
         run.store.delay = 1.0
         client.send(b"LOOKUP alice")
         time.sleep(0.05)
         client.send(b"ECHO meanwhile")
         assert client.recv(100) == b"meanwhile"
         assert client.recv(100) == b"UNAVAILABLE"
+
+
+def test_slow_inline_lookup_sends_later_ones_to_worker_threads(driver: str) -> None:
+    if driver == "socket":
+        pytest.skip("io_socket calls the store inline by design (io_socket/server.py)")
+    options = {"inline_budget": 0.01, "inline_cooldown": 60.0}
+    with running(driver, **options) as run, udp_client(run) as client:
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        assert run.stats().get("store_inline_lookups") == 1
+        run.store.delay = 0.05  # over the budget: answered, then look-ups go to threads
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        run.store.delay = 0.0
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        stats = run.stats()
+        assert stats["store_inline_suspended"] == 1
+        assert stats["store_inline_lookups"] == 2 and stats["store_thread_lookups"] == 1
+        assert run.events("store.inline_suspended")
+
+
+def test_failing_inline_lookup_is_unavailable_and_later_ones_use_threads(driver: str) -> None:
+    if driver == "socket":
+        pytest.skip("io_socket calls the store inline by design (io_socket/server.py)")
+    with running(driver) as run, udp_client(run) as client:
+        run.store.unavailable = True
+        assert ask(client, b"LOOKUP alice") == b"UNAVAILABLE"
+        run.store.unavailable = False
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        assert run.stats()["store_thread_lookups"] == 1
 
 
 def test_call_record_written_before_the_following_send(driver: str) -> None:
