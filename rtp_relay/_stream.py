@@ -48,8 +48,7 @@ from sansio_sip import Address, MediaStats
 
 __all__ = ["AUDIO_8K", "CallMedia", "Stream"]
 
-_RTP = struct.Struct("!HII")  # sequence number, timestamp, SSRC after the first two bytes
-_RTCP_SSRC = struct.Struct("!I")  # sender SSRC at offset 4 of every RTCP packet
+_RTP_UNPACK = struct.Struct("!HII").unpack_from  # sequence, timestamp, SSRC at offset 2
 
 MAX_DROPOUT = 3000  # RFC 3550 §A.1 defaults
 MAX_MISORDER = 100
@@ -99,7 +98,10 @@ class Stream:
     ) -> Address | None:
         """Account for a datagram of ``size`` bytes (``packet[:size]``) that
         arrived from ``source`` at monotonic ``now``; the destination to send
-        it to out of the twin's socket, or None to drop it (counted)."""
+        it to out of the twin's socket, or None to drop it (counted).
+
+        This runs once per relayed packet, so the RTP accounting is inline.
+        """
         if size < (8 if self.rtcp else 12) or packet[0] & 0xC0 != 0x80:
             self.dropped_malformed += 1
             return None
@@ -110,7 +112,36 @@ class Stream:
         self.packets_in += 1
         self.bytes_in += size
         if not self.rtcp:
-            self._account(packet, now)
+            # RFC 3550 §A.1 sequence accounting
+            seq, timestamp, ssrc = _RTP_UNPACK(packet, 2)
+            counted = True
+            if ssrc != self.ssrc:
+                self._restart(seq, ssrc)
+            else:
+                delta = (seq - self.max_seq) & 0xFFFF
+                if delta < MAX_DROPOUT:
+                    if seq < self.max_seq:
+                        self.cycles += SEQ_MOD
+                    self.max_seq = seq
+                elif delta <= SEQ_MOD - MAX_MISORDER:
+                    if seq == self.bad_seq:
+                        self._restart(seq, ssrc)
+                    else:
+                        # A large jump: the next packet must confirm a restart (§A.1).
+                        self.bad_seq = (seq + 1) & 0xFFFF
+                        counted = False
+                # else: a duplicate or a reordered packet, counted as received
+            if counted:
+                self.received += 1
+                # RFC 3550 §A.8 interarrival jitter, for 8 kHz audio payloads only
+                if packet[1] & 0x7F in AUDIO_8K:
+                    arrival = now * CLOCK
+                    if self.last_arrival >= 0.0:
+                        moved = ((timestamp - self.last_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+                        d = arrival - self.last_arrival - moved
+                        self.jitter += ((d if d >= 0.0 else -d) - self.jitter) / 16.0
+                    self.last_arrival = arrival
+                    self.last_ts = timestamp
         twin = self.twin
         if twin is None:
             self.dropped_no_peer += 1
@@ -134,39 +165,11 @@ class Stream:
             sibling = self.sibling
             if sibling is None or sibling.peer is None or sibling.peer[0] != source[0]:
                 return False
-        elif now - self.last_in < self.relatch_after or _RTP.unpack_from(packet, 2)[2] == self.ssrc:
+        elif now - self.last_in < self.relatch_after or _RTP_UNPACK(packet, 2)[2] == self.ssrc:
             return False
         self.peer = source
         self.relatches += 1
         return True
-
-    def _account(self, packet: bytes | bytearray, now: float) -> None:
-        """RFC 3550 §A.1 sequence accounting and §A.8 jitter for one RTP packet."""
-        seq, timestamp, ssrc = _RTP.unpack_from(packet, 2)
-        if ssrc != self.ssrc:
-            self._restart(seq, ssrc)
-        else:
-            delta = (seq - self.max_seq) & 0xFFFF
-            if delta < MAX_DROPOUT:
-                if seq < self.max_seq:
-                    self.cycles += SEQ_MOD
-                self.max_seq = seq
-            elif delta <= SEQ_MOD - MAX_MISORDER:
-                if seq != self.bad_seq:
-                    # A large jump: wait for the next packet to confirm a restart (§A.1).
-                    self.bad_seq = (seq + 1) & 0xFFFF
-                    return
-                self._restart(seq, ssrc)
-            # else: a duplicate or a reordered packet, counted as received
-        self.received += 1
-        if packet[1] & 0x7F in AUDIO_8K:
-            arrival = now * CLOCK
-            if self.last_arrival >= 0.0:
-                moved = ((timestamp - self.last_ts + 0x80000000) & 0xFFFFFFFF) - 0x80000000
-                d = arrival - self.last_arrival - moved
-                self.jitter += ((d if d >= 0.0 else -d) - self.jitter) / 16.0
-            self.last_arrival = arrival
-            self.last_ts = timestamp
 
     def _restart(self, seq: int, ssrc: int) -> None:
         """Start sequence accounting afresh (new SSRC or confirmed jump), keeping
