@@ -422,7 +422,8 @@ class TransactionLayer:
         Adds ``received=<source IP>`` when the sent-by host is a domain name or
         another IP; when the Via has ``rport`` (or ``force_rport`` is on), sets
         ``rport=<source port>`` and adds ``received`` even if the IP is the same
-        ("MUST ... even if it is identical", RFC 3581 §4). Modifies
+        ("MUST ... even if it is identical", RFC 3581 §4). A ``received`` the
+        request already carries is replaced by the real source IP. Modifies
         ``request.headers`` in place; raises ``ParseError`` when the request
         has no parseable Via.
         """
@@ -430,7 +431,9 @@ class TransactionLayer:
         ip, port = source
         wants_rport = via.has_rport or self.force_rport
         params = list(via.params)
-        if wants_rport or not _same_ip(via.host, ip):
+        # A received= the peer wrote itself is overwritten too: left alone it
+        # would steer our responses to an address of the peer's choosing.
+        if wants_rport or via.received is not None or not _same_ip(via.host, ip):
             _with_param(params, "received", ip, before="rport")
         if wants_rport:
             _with_param(params, "rport", str(port))

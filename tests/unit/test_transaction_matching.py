@@ -51,6 +51,16 @@ def test_stamp_via_leaves_matching_ip_alone_without_rport() -> None:
     assert response_destination(req.top_via, ("192.0.2.10", 40000), UDP) == CLIENT
 
 
+def test_stamp_via_replaces_a_received_the_peer_wrote() -> None:
+    # Otherwise a peer could aim our responses at a third party.
+    req = request(via="SIP/2.0/UDP 192.0.2.10:5070;branch=z9hG4bK-x;received=203.0.113.66")
+    layer = TransactionLayer(force_rport=False)
+    layer.stamp_via(req, CLIENT)
+    assert req.top_via.received == CLIENT[0]
+    txn = layer.create_server(req, source=CLIENT, transport=UDP, connection=None, now=0)
+    assert txn.response_destination == CLIENT
+
+
 def test_stamp_via_compares_ip_values_not_text() -> None:
     req = request(via="SIP/2.0/UDP [2001:db8:0::1]:5060;branch=z9hG4bK-v6")
     TransactionLayer(force_rport=False).stamp_via(req, ("2001:db8::1", 5060))
