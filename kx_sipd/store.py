@@ -158,6 +158,18 @@ class _Connection:
         self.data_version: int | None = None
 
 
+class _PendingWrite:
+    """A record write waiting for its group commit."""
+
+    __slots__ = ("done", "error", "statement", "values")
+
+    def __init__(self, statement: str, values: tuple[Any, ...]) -> None:
+        self.statement = statement
+        self.values = values
+        self.done = False
+        self.error: StoreUnavailable | None = None
+
+
 class Store:
     """Accounts, routes and call records in the SQLite file at ``path``.
 
@@ -185,6 +197,8 @@ class Store:
         self._local = threading.local()
         self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # held by the thread committing a group
+        self._pending: list[_PendingWrite] = []
         self._cache: dict[str, Account | None] = {}
         self._epoch = 0  # bumped whenever the cache is dropped
         self._generation: object = None  # the settings' generation the cache matches
@@ -276,9 +290,10 @@ class Store:
             raise self._fail(holder, exc) from exc
 
     @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self, *, drop_cache: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it or nothing. This connection's own
-        commits do not change its data_version, so the cache is dropped here."""
+        commits do not change its data_version, so an edit of accounts or
+        routes drops the cache here."""
         holder = self._connection()
         db = holder.db
         try:
@@ -296,7 +311,8 @@ class Store:
         except sqlite3.Error as exc:
             raise self._fail(holder, exc) from exc
         finally:
-            self._drop_cache()
+            if drop_cache:
+                self._drop_cache()
 
     def _init_settings(self, db: sqlite3.Connection, realm: str | None) -> tuple[str, bytes]:
         db.execute("BEGIN IMMEDIATE")
@@ -362,29 +378,40 @@ class Store:
     def write_call_record(self, record: CallRecordData) -> None:
         """Insert or update the record (by call_ref); durable when it returns
         (see the module docs). Raises StoreUnavailable."""
-        values = _record_values(record)
-        try:
-            with self._writing() as db:
-                db.execute(_UPSERT_CALL, values)
-        except Conflict as exc:
-            raise StoreUnavailable(f"call record {record.call_ref} refused: {exc}") from exc
+        self._commit_grouped(_UPSERT_CALL, _record_values(record))
 
     def attach_media_stats(
         self, call_ref: str, a_leg: MediaStats | None, b_leg: MediaStats | None
     ) -> None:
         """Store the relay's final per-leg figures for a call. Raises StoreUnavailable."""
         values = (call_ref, _stats_json(a_leg), _stats_json(b_leg), time.time())
-        try:
-            with self._writing() as db:
-                db.execute(
-                    "INSERT INTO call_media (call_ref, a_leg, b_leg, updated_wall) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (call_ref) DO UPDATE SET "
-                    "a_leg = excluded.a_leg, b_leg = excluded.b_leg, "
-                    "updated_wall = excluded.updated_wall",
-                    values,
-                )
-        except Conflict as exc:
-            raise StoreUnavailable(f"media stats of {call_ref} refused: {exc}") from exc
+        self._commit_grouped(_UPSERT_MEDIA, values)
+
+    def _commit_grouped(self, statement: str, values: tuple[Any, ...]) -> None:
+        """Group commit: the first thread to get the write lock commits every
+        write queued meanwhile in one transaction (one fsync), and the others
+        find theirs done. Without it, concurrent writers queue on SQLite's own
+        lock one fsync at a time, and a burst outlasts busy_timeout."""
+        write = _PendingWrite(statement, values)
+        with self._lock:
+            self._pending.append(write)
+        with self._write_lock:
+            if not write.done:
+                with self._lock:
+                    batch, self._pending = self._pending, []
+                error: StoreUnavailable | None = None
+                try:
+                    with self._writing(drop_cache=False) as db:
+                        for item in batch:
+                            db.execute(item.statement, item.values)
+                except StoreUnavailable as exc:
+                    error = exc
+                except Conflict as exc:
+                    error = StoreUnavailable(f"a call record write was refused: {exc}")
+                for item in batch:
+                    item.error, item.done = error, True
+        if write.error is not None:
+            raise write.error
 
     def _drop_cache(self) -> None:
         with self._lock:
@@ -678,6 +705,11 @@ _UPSERT_CALL = (
     + ", ".join(
         f"{name} = excluded.{name}" for name in (*_RECORD_COLUMNS[1:], "ladder", "updated_wall")
     )
+)
+_UPSERT_MEDIA = (
+    "INSERT INTO call_media (call_ref, a_leg, b_leg, updated_wall) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (call_ref) DO UPDATE SET a_leg = excluded.a_leg, b_leg = excluded.b_leg, "
+    "updated_wall = excluded.updated_wall"
 )
 _CALL_QUERY = (
     f"SELECT {', '.join('c.' + name for name in _RECORD_COLUMNS)}, c.ladder, m.a_leg, m.b_leg "

@@ -303,11 +303,14 @@ def test_a_change_by_the_cli_in_another_process_is_seen_at_once(path: Path) -> N
         assert account.ha1["MD5"] == hashlib.md5(b"alice:sip.kx21.com:new").hexdigest()
 
 
-def test_call_record_writes_elsewhere_do_not_drop_the_account_cache(path: Path) -> None:
+def test_call_record_writes_do_not_drop_the_account_cache(path: Path) -> None:
     with Store(path) as server, Store(path) as other:
         server.add_account("alice", "pw")
         cached = server.get_account("alice")
-        other.write_call_record(record())
+        other.write_call_record(record("elsewhere"))
+        assert server.get_account("alice") is cached
+        server.write_call_record(record("here"))
+        server.attach_media_stats("here", MediaStats(), None)
         assert server.get_account("alice") is cached
 
 
@@ -400,18 +403,23 @@ def test_a_database_deleted_under_a_running_store_is_not_recreated(path: Path) -
         assert not path.exists()
 
 
-def test_many_threads_share_one_store(store: Store) -> None:
+def test_many_threads_share_one_store_and_concurrent_writes_all_land(store: Store) -> None:
+    # 8 writers at once would queue on SQLite's lock one fsync each and outlast
+    # busy_timeout; the group commit makes them share transactions instead.
     store.add_account("alice", "pw")
 
     def work(index: int) -> str | None:
         account = store.get_account("alice")
         store.write_call_record(record(f"c{index}"))
+        store.attach_media_stats(f"c{index}", MediaStats(packets_in=index), None)
         return None if account is None else threading.current_thread().name
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        names = list(pool.map(work, range(40)))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        names = list(pool.map(work, range(160)))
     assert None not in names
-    assert len(store.list_calls(limit=None)) == 40
+    entries = store.list_calls(limit=None)
+    assert len(entries) == 160
+    assert all(entry.a_media.packets_in == int(entry.record.call_ref[1:]) for entry in entries)  # type: ignore[union-attr]
 
 
 # -- call records ---------------------------------------------------------------
