@@ -11,6 +11,7 @@ from . import (
     _digest,
     _errors,
     _events,
+    _framing,
     _headers,
     _message,
     _model,
@@ -25,6 +26,7 @@ from ._config import *  # noqa: F403
 from ._digest import *  # noqa: F403
 from ._errors import *  # noqa: F403
 from ._events import *  # noqa: F403
+from ._framing import *  # noqa: F403
 from ._headers import *  # noqa: F403
 from ._message import *  # noqa: F403
 from ._model import *  # noqa: F403
@@ -46,6 +48,7 @@ __all__ = [
     *_seams.__all__,
     *_uri.__all__,
     *_events.__all__,
+    *_framing.__all__,
     *_timers.__all__,
     *_transaction.__all__,
 ]
