@@ -100,14 +100,26 @@ def start_local_relay(config: RelayConfig, *, timeout: float = 30.0) -> LocalRel
     except orjson.JSONDecodeError:
         message = {}
     if "ready" not in message:
+        exited = process.poll() is not None or (line == b"" and _exits(process))
         _end(process)
-        detail = (
-            message.get("error")
-            or f"no report within {timeout} s (exit status {process.returncode})"
-        )
+        if message.get("error"):
+            detail = message["error"]
+        elif exited:
+            detail = f"it exited with status {process.returncode} (see its log on stderr)"
+        else:
+            detail = f"no report within {timeout} s"
         raise RelayStartError(f"the relay did not start: {detail}")
     host, port = message["ready"]
     return LocalRelay(process, config, (str(host), int(port)), int(message["shards"]))
+
+
+def _exits(process: subprocess.Popen[bytes], within: float = 2.0) -> bool:
+    """Whether the process ends within ``within`` seconds (its stdout just closed)."""
+    try:
+        process.wait(within)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _end(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

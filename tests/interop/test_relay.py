@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from kx_sipd.relay_cli import relay as relay_cli
-from rtp_relay import LocalRelay, RelayClient, RelayConfig, start_local_relay
+from rtp_relay import LocalRelay, RelayClient, RelayConfig, RelayStartError, start_local_relay
 from rtp_relay._protocol import open_datagram, seal
 from sansio_sip import MediaAllocation, MediaUnavailable
 
@@ -496,3 +496,13 @@ def test_standalone_relay_serves_and_stops_on_sigterm() -> None:
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_start_fails_clearly_when_the_control_port_is_taken() -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    try:
+        with pytest.raises(RelayStartError, match="control port"):
+            start(4, control=blocker.getsockname(), shards=1)
+    finally:
+        blocker.close()
