@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transaction_support import CARRIER, CLIENT, request, response_to
 
 from sansio_sip._actions import Send
-from sansio_sip._errors import LocalProtocolError
+from sansio_sip._errors import LocalProtocolError, ParseError
 from sansio_sip._events import (
     ResponseReceived,
     TransactionTerminated,
@@ -458,3 +458,53 @@ def test_back_to_back_total_loss_times_out_with_timer_b() -> None:
     assert [(type(e), getattr(e, "timer", None)) for e in pair.client_events] == [
         (TransactionTimedOut, TimerName.B)
     ]
+
+
+# ----------------------------------------------------------------- hostile Via values
+
+_param = st.one_of(
+    st.tuples(
+        st.sampled_from(["received", "RECEIVED"]), st.sampled_from(["1.2.3.4", "::1", "", "x"])
+    ),
+    st.tuples(
+        st.sampled_from(["rport", "Rport"]),
+        st.sampled_from(["", "0", "1", "65535", "99999", "-1", "a"]),
+    ),
+    st.tuples(st.just("maddr"), st.sampled_from(["239.0.0.1", "", "host.example"])),
+    st.tuples(st.just("branch"), st.sampled_from(["z9hG4bK", "z9hG4bK-1", "abc", ""])),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    host=st.sampled_from(["192.0.2.10", "[2001:db8::1]", "client.example.com", "10.0.0.1"]),
+    port=st.one_of(st.none(), st.integers(0, 70_000)),
+    params=st.lists(_param, max_size=5),
+    transport=st.sampled_from(list(Transport)),
+)
+def test_any_parsed_via_is_stamped_and_answered_or_refused_with_parse_error(
+    host: str, port: int | None, params: list[tuple[str, str]], transport: Transport
+) -> None:
+    via = f"SIP/2.0/{transport.value} {host}" + (f":{port}" if port is not None else "")
+    via += "".join(f";{name}" + (f"={value}" if value else "") for name, value in params)
+    try:
+        req = request("OPTIONS", via=via)
+    except ParseError:
+        return  # the parser refused it: the engine answers 400
+    for force_rport in (True, False):
+        layer = TransactionLayer(force_rport=force_rport)
+        try:
+            layer.stamp_via(req, CLIENT)
+            txn = layer.create_server(
+                req, source=CLIENT, transport=transport, connection=None, now=0.0
+            )
+        except ParseError:
+            continue
+        [sent] = [
+            o
+            for o in layer.respond(txn, make_response(req, 200, "OK"), now=0.0)
+            if isinstance(o, Send)
+        ]
+        assert 0 < sent.destination[1] < 65536
+        if force_rport and transport is Transport.UDP and req.top_via.maddr is None:
+            assert sent.destination == CLIENT  # symmetric response routing, whatever the Via said
