@@ -52,7 +52,16 @@ def kx_sipd(data: bytes) -> Fields:
     via = m.top_via
     cseq = m.cseq
     first = m.method if isinstance(m, Request) else m.status_code
-    return (first, via.branch, via.sent_by, m.from_.tag, m.to.tag, m.call_id, cseq.number, cseq.method)
+    return (
+        first,
+        via.branch,
+        via.sent_by,
+        m.from_.tag,
+        m.to.tag,
+        m.call_id,
+        cseq.number,
+        cseq.method,
+    )
 
 
 _BRANCH = re.compile(r";\s*branch=([^;,\s]+)")
@@ -206,7 +215,9 @@ def main() -> None:
         if name not in rates:
             print(f"{name:<12} skipped: {note}")
     ours = statistics.median(rates["kx-sipd"])
-    others = {n: statistics.median(r) for n, r in rates.items() if n not in ("kx-sipd", "naive-split")}
+    others = {
+        n: statistics.median(r) for n, r in rates.items() if n not in ("kx-sipd", "naive-split")
+    }
     if others:
         best = max(others, key=lambda n: others[n])
         print(
