@@ -377,6 +377,13 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _token_or_quoted(text: str) -> str:
+    """A token as is; anything else (only a peer's odd value) as a quoted-string."""
+    if text and all(c in _TOKEN_CHARS for c in text):
+        return text
+    return _quote(text)
+
+
 def make_challenge(
     *,
     realm: str,
@@ -408,7 +415,8 @@ def make_authorization(credentials: DigestCredentials) -> str:
     """Serialise credentials as an Authorization value (RFC 2617 §3.2.2 order).
 
     ``algorithm``, ``qop`` and ``nc`` are written as tokens (RFC 7616 §3.4:
-    "a sender MUST NOT generate the quoted string syntax" for them).
+    "a sender MUST NOT generate the quoted string syntax" for them), unless
+    a value copied from a peer is not a token, which only quoting preserves.
     """
     parts = [
         f"Digest username={_quote(credentials.username)}",
@@ -416,14 +424,14 @@ def make_authorization(credentials: DigestCredentials) -> str:
         f"nonce={_quote(credentials.nonce)}",
         f"uri={_quote(credentials.uri)}",
         f"response={_quote(credentials.response)}",
-        f"algorithm={credentials.algorithm}",
+        f"algorithm={_token_or_quoted(credentials.algorithm)}",
     ]
     if credentials.cnonce is not None:
         parts.append(f"cnonce={_quote(credentials.cnonce)}")
     if credentials.opaque is not None:
         parts.append(f"opaque={_quote(credentials.opaque)}")
     if credentials.qop is not None:
-        parts.append(f"qop={credentials.qop}")
+        parts.append(f"qop={_token_or_quoted(credentials.qop)}")
     if credentials.nc is not None:
         parts.append(f"nc={credentials.nc}")
     return ", ".join(parts)

@@ -99,6 +99,11 @@ _RELAY_INVALIDATES = frozenset(
 )
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts "²", which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _bad(detail: str) -> ParseError:
     return ParseError(f"Bad SDP: {detail}")
 
@@ -206,7 +211,7 @@ def _parse_rtpmap(text: str) -> tuple[str, int, int | None] | None:
     parts = text.strip().split("/")
     if len(parts) not in (2, 3) or not parts[0]:
         return None
-    if not parts[1].isdigit() or (len(parts) == 3 and not parts[2].isdigit()):
+    if not _is_number(parts[1]) or (len(parts) == 3 and not _is_number(parts[2])):
         return None
     channels = int(parts[2]) if len(parts) == 3 else None
     return (parts[0], int(parts[1]), channels)
@@ -285,11 +290,11 @@ def _check_connection(value: str) -> None:
 
 def _parse_port(text: str) -> tuple[int, int | None]:
     port_text, slash, count_text = text.partition("/")
-    if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+    if not _is_number(port_text) or len(port_text) > 5 or int(port_text) > 65535:
         raise _bad("bad m= port")
     count = None
     if slash:
-        if not count_text.isdigit() or len(count_text) > 5 or int(count_text) == 0:
+        if not _is_number(count_text) or len(count_text) > 5 or int(count_text) == 0:
             raise _bad("bad m= port count")
         count = int(count_text)
     return int(port_text), count
@@ -571,7 +576,7 @@ def rewrite_media(
     session_held = sd.connection is not None and _unspecified(_connection_address(sd.connection))
     origin = sd.origin
     version = origin.session_version
-    if bump_version and version.isdigit():
+    if bump_version and _is_number(version):
         version = str(int(version) + 1)
     new_origin = attrs.evolve(
         origin,

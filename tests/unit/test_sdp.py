@@ -407,6 +407,14 @@ def test_parse_model() -> None:
     assert serialize_sdp(sd) == body
 
 
+def test_non_ascii_digits_are_not_numbers() -> None:
+    body = "v=0\r\no=- 1 \u00b2 IN IP4 h\r\nm=audio 4 RTP/AVP 96\r\na=rtpmap:96 PCMU/\u00b2\r\n"
+    sd = parse_sdp(body.encode())
+    assert sd.media[0].rtpmap("96") is None
+    out = rewrite_media(sd, address="192.0.2.1", port=5, bump_version=True)
+    assert out.origin.session_version == "\u00b2"  # left alone, not an error
+
+
 def test_parse_tolerates_lf_trailing_space_and_blank_lines() -> None:
     crlf = sdp([*BASE, "m=audio 4000 RTP/AVP 0", "a=ptime:20"])
     sloppy = crlf.replace(b"\r\n", b"  \n").replace(b"a=ptime", b"\na=ptime") + b"\n\n"
@@ -429,6 +437,8 @@ def test_parse_tolerates_lf_trailing_space_and_blank_lines() -> None:
         (b"v=0\r\no=- 1 1 IN IP4 h\r\nm=audio x RTP/AVP 0\r\n", "bad m= port"),
         (b"v=0\r\no=- 1 1 IN IP4 h\r\nm=audio 70000 RTP/AVP 0\r\n", "bad m= port"),
         (b"v=0\r\no=- 1 1 IN IP4 h\r\nm=audio 1/0 RTP/AVP 0\r\n", "bad m= port count"),
+        ("v=0\r\no=- 1 1 IN IP4 h\r\nm=audio \u00b2 RTP/AVP 0\r\n".encode(), "bad m= port"),
+        ("v=0\r\no=- 1 1 IN IP4 h\r\nm=audio 1/\u0663 RTP/AVP 0\r\n".encode(), "bad m= port count"),
         (b"v=0\r\no=- 1 1 IN IP4 h\r\nm=audio 1 RTP/AVP\r\n", "malformed m= line"),
         (b"v=0\r\no=- 1 1 IN IP4 h\r\nX=1\r\n", "malformed line"),
         (b"v=0\r\no=- 1 1 IN IP4 h\r\ns=a\x00b\r\n", "control character"),
