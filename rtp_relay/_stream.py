@@ -234,7 +234,7 @@ class Stream:
     def figures(self) -> dict[str, object]:
         """Everything about the stream, for the stats command."""
         return {
-            "peer": list(self.peer) if self.peer else None,
+            "peer": list(self.peer[:2]) if self.peer else None,
             "expected": list(self.expected) if self.expected else None,
             "packets_in": self.packets_in,
             "bytes_in": self.bytes_in,

@@ -506,3 +506,70 @@ def test_start_fails_clearly_when_the_control_port_is_taken() -> None:
             start(4, control=blocker.getsockname(), shards=1)
     finally:
         blocker.close()
+
+
+def test_client_is_thread_safe(client: RelayClient) -> None:
+    import threading
+
+    results: dict[str, MediaAllocation] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(3):
+                ref = f"thread-{n}-{i}-{os.urandom(3).hex()}"
+                results[ref] = client.allocate(ref, a_peer=None, echo=False)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    ports = [p for a in results.values() for p in (a.a_port, a.b_port)]
+    assert len(results) == 18 and len(set(ports)) == 36
+    for ref in results:
+        a_stats, _b = client.release(ref)
+        assert a_stats is not None
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
+def test_ipv6_control_and_media() -> None:
+    relay = start(4, control=("::1", 0), media_host="::1", advertised="::1")
+    client = relay.client()
+    phone = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    carrier = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        for s in (phone, carrier):
+            s.bind(("::1", 0))
+            s.settimeout(WAIT)
+        ref = call_ref()
+        alloc = client.allocate(ref, a_peer=None, echo=False)
+        assert alloc.a_address == "::1"
+        client.update(ref, a_peer=None, b_peer=carrier.getsockname()[:2])
+        phone.sendto(rtp(1), (alloc.a_address, alloc.a_port))
+        data, source = carrier.recvfrom(4096)
+        assert data == rtp(1) and source[:2] == ("::1", alloc.b_port)
+        carrier.sendto(rtp(1, ssrc=0xB2), (alloc.b_address, alloc.b_port))
+        assert phone.recvfrom(4096)[0] == rtp(1, ssrc=0xB2)
+        figures = client.query(ref)
+        assert figures is not None and figures["a"]["rtp"]["peer"] == [
+            "::1",
+            phone.getsockname()[1],
+        ]
+    finally:
+        phone.close()
+        carrier.close()
+        client.close()
+        relay.stop()
