@@ -1,7 +1,9 @@
 """The operator's store: accounts, routes and call records in one SQLite file.
 
 ``Store`` implements ``sansio_sip.AccountStore`` for the drivers and the
-queries and edits behind ``kx-sipd accounts|routes|calls``.
+queries and edits behind ``kx-sipd accounts|routes|calls``. This module owns
+connections, transactions, the cache and failure handling; the schema is in
+``_schema.py``, input checks, SQL and row conversions in ``_rows.py``.
 
 Theory of operation:
 
@@ -36,9 +38,7 @@ Theory of operation:
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -48,20 +48,44 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final
 
-import attrs
-import orjson
-
 from sansio_sip import (
     Account,
     CallRecordData,
-    LadderEntry,
     MediaStats,
     Route,
     StoreUnavailable,
-    Transport,
     compute_ha1,
 )
 
+from ._rows import (
+    ACCOUNT_FIELDS,
+    ACCOUNT_QUERY,
+    CALL_QUERY,
+    ECHO_ROUTE,
+    INFO_QUERY,
+    REALM,
+    ROUTE_QUERY,
+    UPSERT_CALL,
+    UPSERT_MEDIA,
+    AccountInfo,
+    CallEntry,
+    Conflict,
+    NotFound,
+    RealmMismatch,
+    StoreError,
+    account_fields,
+    account_from_row,
+    call_from_row,
+    check_route,
+    check_route_exists,
+    check_username,
+    info_from_row,
+    ladder_from_json,
+    record_values,
+    route_from_row,
+    row_exists,
+    stats_json,
+)
 from ._schema import SCHEMA_VERSION, SchemaTooNew, migrate
 from .settings import DEFAULT_REALM
 
@@ -78,9 +102,6 @@ __all__ = [
     "compute_ha1",
 ]
 
-ECHO_ROUTE: Final = "echo"
-"""The built-in route answered by kx-sipd itself (the echo test)."""
-
 BUSY_TIMEOUT: Final = 0.2
 """Seconds to wait for a lock before giving up: long enough to ride out a
 checkpoint or a CLI edit, short enough that a stuck lock becomes a prompt 503."""
@@ -88,64 +109,6 @@ checkpoint or a CLI edit, short enough that a stuck lock becomes a prompt 503.""
 _CACHE_LIMIT: Final = 50_000
 """Cached look-ups (unknown usernames included, which an attacker chooses).
 Past it the cache is dropped whole: simple, bounded, and it refills itself."""
-
-_USERNAME = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/]{1,64}")
-"""RFC 3261 §25.1 ``user`` characters (unreserved and user-unreserved), no escapes."""
-_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_DIGITS = re.compile(r"[0-9]{1,32}")
-_DIAL_PREFIX = re.compile(r"[0-9+*#]{0,32}")
-_CALLER_ID = re.compile(r"\+?[0-9]{1,32}")
-_REALM = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,128}")
-"""Printable ASCII without '"' and '\\': it is sent as a quoted-string."""
-
-
-class StoreError(Exception):
-    """An operator's request the store refuses (bad value, missing or
-    conflicting row). The message is meant for the operator as it is."""
-
-
-class RealmMismatch(StoreError):
-    """The database was made for another realm than the one asked for."""
-
-
-class NotFound(StoreError):
-    """No such account, route or call."""
-
-
-class Conflict(StoreError):
-    """The change would clash with existing data (duplicate, route in use...)."""
-
-
-@attrs.frozen(kw_only=True)
-class AccountInfo:
-    """An account as the operator sees it (never its HA1)."""
-
-    username: str
-    status: str
-    route: str | None
-    allowed_prefixes: tuple[str, ...]
-    max_calls: int | None
-    max_cps: float | None
-    caller_id: str | None
-    allowed_sources: tuple[str, ...]
-    created: float
-    updated: float
-
-
-@attrs.frozen(kw_only=True)
-class CallEntry:
-    """A stored call record with the relay's per-leg figures, when they came."""
-
-    record: CallRecordData
-    a_media: MediaStats | None = None
-    b_media: MediaStats | None = None
-
-
-class _Unset:
-    """Marks an ``update_account`` argument the caller did not give."""
-
-
-UNSET: Final = _Unset()
 
 
 class _Connection:
@@ -190,7 +153,7 @@ class Store:
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError("synchronous must be FULL or NORMAL")
-        if realm is not None and not _REALM.fullmatch(realm):
+        if realm is not None and not REALM.fullmatch(realm):
             raise StoreError(f"invalid realm {realm!r}: printable ASCII without quotes")
         self.path = os.path.abspath(os.fspath(path))
         self._synchronous = synchronous
@@ -363,10 +326,10 @@ class Store:
                 epoch = self._epoch
                 if username in self._cache:
                     return self._cache[username]
-            rows = db.execute(_ACCOUNT_QUERY, (username,)).fetchall()
+            rows = db.execute(ACCOUNT_QUERY, (username,)).fetchall()
         except sqlite3.Error as exc:
             raise self._fail(holder, exc) from exc
-        account = _account_from_row(rows[0]) if rows else None
+        account = account_from_row(rows[0]) if rows else None
         with self._lock:
             # A look-up that raced with a cache drop may hold old data: keep it out.
             if self._epoch == epoch:
@@ -378,14 +341,14 @@ class Store:
     def write_call_record(self, record: CallRecordData) -> None:
         """Insert or update the record (by call_ref); durable when it returns
         (see the module docs). Raises StoreUnavailable."""
-        self._commit_grouped(_UPSERT_CALL, _record_values(record))
+        self._commit_grouped(UPSERT_CALL, record_values(record))
 
     def attach_media_stats(
         self, call_ref: str, a_leg: MediaStats | None, b_leg: MediaStats | None
     ) -> None:
         """Store the relay's final per-leg figures for a call. Raises StoreUnavailable."""
-        values = (call_ref, _stats_json(a_leg), _stats_json(b_leg), time.time())
-        self._commit_grouped(_UPSERT_MEDIA, values)
+        values = (call_ref, stats_json(a_leg), stats_json(b_leg), time.time())
+        self._commit_grouped(UPSERT_MEDIA, values)
 
     def _commit_grouped(self, statement: str, values: tuple[Any, ...]) -> None:
         """Group commit: the first thread to get the write lock commits every
@@ -431,7 +394,7 @@ class Store:
             ).fetchall()
             for call_ref, start_wall, answer_wall, ladder_json in rows:
                 last = max(start_wall, answer_wall or start_wall)
-                for entry in _ladder_from_json(ladder_json):
+                for entry in ladder_from_json(ladder_json):
                     last = max(last, entry.wall)
                 db.execute(
                     "UPDATE calls SET end_wall = ?, ended_by = 'restart', "
@@ -466,7 +429,7 @@ class Store:
         if call_id is not None:
             where.append("(c.a_call_id = ? OR c.b_call_id = ? OR c.call_ref = ?)")
             params.extend((call_id, call_id, call_id))
-        sql = _CALL_QUERY
+        sql = CALL_QUERY
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY c.start_wall DESC, c.call_ref"
@@ -475,7 +438,7 @@ class Store:
             params.append(max(0, limit))
         with self._reading() as db:
             rows = db.execute(sql, params).fetchall()
-        return [_call_from_row(row) for row in rows]
+        return [call_from_row(row) for row in rows]
 
     # -- accounts (operator) -------------------------------------------------
 
@@ -493,8 +456,8 @@ class Store:
     ) -> AccountInfo:
         """Create an account. Raises StoreError (bad value, duplicate, unknown
         route), StoreUnavailable."""
-        _check_username(username)
-        fields = _account_fields(
+        check_username(username)
+        fields = account_fields(
             route=route,
             allowed_prefixes=allowed_prefixes,
             max_calls=max_calls,
@@ -505,9 +468,9 @@ class Store:
         md5, sha256 = self._ha1s(username, password)
         now = time.time()
         with self._writing() as db:
-            if _exists(db, "accounts", "username", username):
+            if row_exists(db, "accounts", "username", username):
                 raise Conflict(f"account {username!r} already exists")
-            _check_route_exists(db, route)
+            check_route_exists(db, route)
             db.execute(
                 "INSERT INTO accounts (username, ha1_md5, ha1_sha256, status, route, "
                 "allowed_prefixes, max_calls, max_cps, caller_id, allowed_sources, "
@@ -520,15 +483,15 @@ class Store:
         """Change some of: route, allowed_prefixes, max_calls, max_cps,
         caller_id, allowed_sources (None clears a limit, the route or the caller
         ID). Raises StoreError, StoreUnavailable."""
-        unknown = set(changes) - set(_ACCOUNT_FIELDS)
+        unknown = set(changes) - set(ACCOUNT_FIELDS)
         if unknown:
             raise TypeError(f"unknown account fields: {', '.join(sorted(unknown))}")
-        fields = _account_fields(**changes)
+        fields = account_fields(**changes)
         with self._writing() as db:
-            if not _exists(db, "accounts", "username", username):
+            if not row_exists(db, "accounts", "username", username):
                 raise NotFound(f"no account {username!r}")
             if "route" in fields:
-                _check_route_exists(db, fields["route"])
+                check_route_exists(db, fields["route"])
             if fields:
                 assignments = ", ".join(f"{name} = ?" for name in fields)
                 db.execute(
@@ -558,14 +521,14 @@ class Store:
     def account_info(self, username: str) -> AccountInfo | None:
         """The operator's view of one account, or None."""
         with self._reading() as db:
-            rows = db.execute(_INFO_QUERY + " WHERE username = ?", (username,)).fetchall()
-        return _info_from_row(rows[0]) if rows else None
+            rows = db.execute(INFO_QUERY + " WHERE username = ?", (username,)).fetchall()
+        return info_from_row(rows[0]) if rows else None
 
     def list_accounts(self) -> list[AccountInfo]:
         """Every account, by username."""
         with self._reading() as db:
-            rows = db.execute(_INFO_QUERY + " ORDER BY username").fetchall()
-        return [_info_from_row(row) for row in rows]
+            rows = db.execute(INFO_QUERY + " ORDER BY username").fetchall()
+        return [info_from_row(row) for row in rows]
 
     def _require_account(self, username: str) -> AccountInfo:
         info = self.account_info(username)
@@ -597,10 +560,10 @@ class Store:
     def put_route(self, route: Route, *, replace: bool = False) -> Route:
         """Create a route, or with ``replace`` create or change it. The built-in
         ``echo`` route cannot be changed. Raises StoreError, StoreUnavailable."""
-        _check_route(route)
+        check_route(route)
         now = time.time()
         with self._writing() as db:
-            exists = _exists(db, "routes", "name", route.name)
+            exists = row_exists(db, "routes", "name", route.name)
             if exists and not replace:
                 raise Conflict(f"route {route.name!r} already exists (use `routes set`)")
             values = (
@@ -647,228 +610,11 @@ class Store:
     def get_route(self, name: str) -> Route | None:
         """One route, or None."""
         with self._reading() as db:
-            rows = db.execute(_ROUTE_QUERY + " WHERE name = ?", (name,)).fetchall()
-        return _route_from_row(rows[0]) if rows else None
+            rows = db.execute(ROUTE_QUERY + " WHERE name = ?", (name,)).fetchall()
+        return route_from_row(rows[0]) if rows else None
 
     def list_routes(self) -> list[Route]:
         """Every route, by name."""
         with self._reading() as db:
-            rows = db.execute(_ROUTE_QUERY + " ORDER BY name").fetchall()
-        return [_route_from_row(row) for row in rows]
-
-
-# -- SQL and row conversion -------------------------------------------------
-
-_ACCOUNT_FIELDS = (
-    "route",
-    "allowed_prefixes",
-    "max_calls",
-    "max_cps",
-    "caller_id",
-    "allowed_sources",
-)
-
-_ACCOUNT_QUERY = (
-    "SELECT a.username, a.ha1_md5, a.ha1_sha256, a.status, a.allowed_prefixes, "
-    "a.max_calls, a.max_cps, a.caller_id, a.allowed_sources, "
-    "r.name, r.host, r.port, r.transport, r.strip, r.prefix "
-    "FROM accounts a LEFT JOIN routes r ON r.name = a.route WHERE a.username = ?"
-)
-_INFO_QUERY = (
-    "SELECT username, status, route, allowed_prefixes, max_calls, max_cps, caller_id, "
-    "allowed_sources, created, updated FROM accounts"
-)
-_ROUTE_QUERY = "SELECT name, host, port, transport, strip, prefix FROM routes"
-_RECORD_COLUMNS = (
-    "call_ref",
-    "account",
-    "a_call_id",
-    "b_call_id",
-    "source",
-    "transport",
-    "user_agent",
-    "dialed",
-    "sent_digits",
-    "route",
-    "start_wall",
-    "answer_wall",
-    "end_wall",
-    "final_status",
-    "ended_by",
-    "reason",
-    "codec",
-)
-_UPSERT_CALL = (
-    f"INSERT INTO calls ({', '.join(_RECORD_COLUMNS)}, ladder, updated_wall) "
-    f"VALUES ({', '.join('?' * (len(_RECORD_COLUMNS) + 2))}) "
-    "ON CONFLICT (call_ref) DO UPDATE SET "
-    + ", ".join(
-        f"{name} = excluded.{name}" for name in (*_RECORD_COLUMNS[1:], "ladder", "updated_wall")
-    )
-)
-_UPSERT_MEDIA = (
-    "INSERT INTO call_media (call_ref, a_leg, b_leg, updated_wall) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (call_ref) DO UPDATE SET a_leg = excluded.a_leg, b_leg = excluded.b_leg, "
-    "updated_wall = excluded.updated_wall"
-)
-_CALL_QUERY = (
-    f"SELECT {', '.join('c.' + name for name in _RECORD_COLUMNS)}, c.ladder, m.a_leg, m.b_leg "
-    "FROM calls c LEFT JOIN call_media m ON m.call_ref = c.call_ref"
-)
-
-
-def _exists(db: sqlite3.Connection, table: str, column: str, value: str) -> bool:
-    return bool(db.execute(f"SELECT 1 FROM {table} WHERE {column} = ?", (value,)).fetchall())
-
-
-def _check_route_exists(db: sqlite3.Connection, route: str | None) -> None:
-    if route is not None and not _exists(db, "routes", "name", route):
-        raise NotFound(f"no route {route!r} (create it first with `kx-sipd routes add`)")
-
-
-def _check_username(username: str) -> None:
-    if not _USERNAME.fullmatch(username):
-        raise StoreError(
-            f"invalid username {username!r}: 1-64 letters, digits or -_.!~*'()&=+$,;?/"
-        )
-
-
-def _check_route(route: Route) -> None:
-    if not _ROUTE_NAME.fullmatch(route.name):
-        raise StoreError(f"invalid route name {route.name!r}: letters, digits, '.', '_', '-'")
-    if route.name == ECHO_ROUTE:
-        raise StoreError("the echo route is built in and cannot be changed")
-    if not route.host or any(c.isspace() for c in route.host) or len(route.host) > 255:
-        raise StoreError(f"invalid host {route.host!r}")
-    if not 0 < route.port < 65536:
-        raise StoreError(f"invalid port {route.port}: 1-65535")
-    if route.strip < 0:
-        raise StoreError("strip must be 0 or more digits")
-    if not _DIAL_PREFIX.fullmatch(route.prefix):
-        raise StoreError(f"invalid prefix {route.prefix!r}: digits, '+', '*', '#'")
-
-
-def _account_fields(**given: Any) -> dict[str, Any]:
-    """Validate account fields and convert them to column values (only those given)."""
-    fields: dict[str, Any] = {}
-    if "route" in given:
-        fields["route"] = given["route"]
-    if "allowed_prefixes" in given:
-        prefixes = tuple(given["allowed_prefixes"])
-        for prefix in prefixes:
-            if not _DIGITS.fullmatch(prefix):
-                raise StoreError(f"invalid destination prefix {prefix!r}: digits only")
-        fields["allowed_prefixes"] = orjson.dumps(sorted(set(prefixes))).decode()
-    if "max_calls" in given:
-        max_calls = given["max_calls"]
-        if max_calls is not None and (not isinstance(max_calls, int) or max_calls <= 0):
-            raise StoreError(f"max calls must be a positive whole number, not {max_calls!r}")
-        fields["max_calls"] = max_calls
-    if "max_cps" in given:
-        max_cps = given["max_cps"]
-        if max_cps is not None and not (isinstance(max_cps, int | float) and max_cps > 0):
-            raise StoreError(f"max calls per second must be positive, not {max_cps!r}")
-        fields["max_cps"] = None if max_cps is None else float(max_cps)
-    if "caller_id" in given:
-        caller_id = given["caller_id"]
-        if caller_id is not None and not _CALLER_ID.fullmatch(caller_id):
-            raise StoreError(f"invalid caller ID {caller_id!r}: digits, optionally after '+'")
-        fields["caller_id"] = caller_id
-    if "allowed_sources" in given:
-        sources: list[str] = []
-        for text in given["allowed_sources"]:
-            try:
-                sources.append(str(ipaddress.ip_network(text, strict=False)))
-            except ValueError:
-                raise StoreError(
-                    f"invalid source {text!r}: expected an IP address or CIDR"
-                ) from None
-        fields["allowed_sources"] = orjson.dumps(sorted(set(sources))).decode()
-    return fields
-
-
-def _account_from_row(row: tuple[Any, ...]) -> Account:
-    (username, md5, sha256, status, prefixes, max_calls, max_cps, caller_id, sources) = row[:9]
-    route = _route_from_row(row[9:]) if row[9] is not None else None
-    return Account(
-        username=username,
-        ha1={"MD5": md5, "SHA-256": sha256},
-        active=status == "active",
-        route=route,
-        allowed_prefixes=tuple(orjson.loads(prefixes)),
-        max_calls=max_calls,
-        max_cps=max_cps,
-        caller_id=caller_id,
-        allowed_sources=tuple(orjson.loads(sources)),
-    )
-
-
-def _info_from_row(row: tuple[Any, ...]) -> AccountInfo:
-    username, status, route, prefixes, max_calls, max_cps, caller_id, sources, created, updated = (
-        row
-    )
-    return AccountInfo(
-        username=username,
-        status=status,
-        route=route,
-        allowed_prefixes=tuple(orjson.loads(prefixes)),
-        max_calls=max_calls,
-        max_cps=max_cps,
-        caller_id=caller_id,
-        allowed_sources=tuple(orjson.loads(sources)),
-        created=created,
-        updated=updated,
-    )
-
-
-def _route_from_row(row: Sequence[Any]) -> Route:
-    name, host, port, transport, strip, prefix = row
-    return Route(
-        name=name,
-        host=host,
-        port=port,
-        transport=Transport(transport.upper()),
-        strip=strip,
-        prefix=prefix,
-    )
-
-
-def _record_values(record: CallRecordData) -> tuple[Any, ...]:
-    ladder = orjson.dumps([attrs.asdict(entry) for entry in record.ladder])
-    return (
-        *(getattr(record, name) for name in _RECORD_COLUMNS),
-        ladder,
-        time.time(),
-    )
-
-
-def _ladder_from_json(data: bytes | str) -> tuple[LadderEntry, ...]:
-    try:
-        return tuple(LadderEntry(**entry) for entry in orjson.loads(data))
-    except (orjson.JSONDecodeError, TypeError):
-        # A damaged ladder must not hide the rest of the record.
-        return ()
-
-
-def _stats_json(stats: MediaStats | None) -> bytes | None:
-    return None if stats is None else orjson.dumps(attrs.asdict(stats))
-
-
-def _stats_from_json(data: bytes | str | None) -> MediaStats | None:
-    if data is None:
-        return None
-    try:
-        return MediaStats(**orjson.loads(data))
-    except (orjson.JSONDecodeError, TypeError):
-        return None
-
-
-def _call_from_row(row: tuple[Any, ...]) -> CallEntry:
-    count = len(_RECORD_COLUMNS)
-    fields = dict(zip(_RECORD_COLUMNS, row[:count], strict=True))
-    ladder_json, a_leg, b_leg = row[count:]
-    return CallEntry(
-        record=CallRecordData(**fields, ladder=_ladder_from_json(ladder_json)),
-        a_media=_stats_from_json(a_leg),
-        b_media=_stats_from_json(b_leg),
-    )
+            rows = db.execute(ROUTE_QUERY + " ORDER BY name").fetchall()
+        return [route_from_row(row) for row in rows]
