@@ -9,6 +9,7 @@ from . import (
     _actions,
     _config,
     _digest,
+    _engine,
     _errors,
     _events,
     _framing,
@@ -24,6 +25,7 @@ from . import (
 from ._actions import *  # noqa: F403
 from ._config import *  # noqa: F403
 from ._digest import *  # noqa: F403
+from ._engine import *  # noqa: F403
 from ._errors import *  # noqa: F403
 from ._events import *  # noqa: F403
 from ._framing import *  # noqa: F403
@@ -40,6 +42,7 @@ __all__ = [
     *_actions.__all__,
     *_config.__all__,
     *_digest.__all__,
+    *_engine.__all__,
     *_errors.__all__,
     *_headers.__all__,
     *_message.__all__,
