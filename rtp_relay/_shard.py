@@ -11,8 +11,8 @@ The shard is a single-threaded epoll loop over non-blocking UDP sockets:
   and closed when it is deleted, so a port outside a live call is not held
   and no stale datagram can reach a later call.
 
-The per-packet path is: epoll event → dict lookup by fd → ``recvfrom_into``
-a preallocated buffer → ``Stream.receive`` (pure, ``_stream``) → ``sendto``
+The per-packet path is: epoll event → dict lookup by fd → one
+``recvfrom_into`` a preallocated buffer → ``Stream.receive`` (pure, ``_stream``) → ``sendto``
 of a preallocated memoryview slice. Nothing else is allocated per packet
 beyond the source address tuple the socket module returns.
 
@@ -48,7 +48,7 @@ HOUSEKEEPING = 0.1
 """Seconds between housekeeping passes: bounds how late a media timeout or a
 shutdown is noticed, at a cost of one scan of the calls table."""
 BATCH = 64
-"""Datagrams read from one socket per readiness event before others get a turn."""
+"""Control datagrams read from one socket per readiness event."""
 BUFFER = 65536
 VIEWS = 2048
 """Packet sizes up to this reuse a preallocated memoryview slice."""
@@ -441,22 +441,24 @@ class Shard:
                         self.on_control(control)
                     continue
                 recv_into, receive, send = entry
-                for _ in range(BATCH):
+                # One datagram per readiness event: epoll is level-triggered, so a
+                # socket with more queued is reported again by the next poll, and
+                # no read ends in a failed syscall raising BlockingIOError.
+                try:
+                    size, source = recv_into(buf)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    counters["media-recv-error"] += 1
+                    continue
+                destination = receive(buf, size, source, clock())
+                if destination is not None:
                     try:
-                        size, source = recv_into(buf)
+                        send(views[size] if size <= VIEWS else whole[:size], destination)
                     except BlockingIOError:
-                        break
+                        counters["media-send-full"] += 1
                     except OSError:
-                        counters["media-recv-error"] += 1
-                        break
-                    destination = receive(buf, size, source, clock())
-                    if destination is not None:
-                        try:
-                            send(views[size] if size <= VIEWS else whole[:size], destination)
-                        except BlockingIOError:
-                            counters["media-send-full"] += 1
-                        except OSError:
-                            counters["media-send-error"] += 1
+                        counters["media-send-error"] += 1
             now = clock()
             if now >= next_housekeeping:
                 next_housekeeping = now + HOUSEKEEPING
