@@ -141,9 +141,10 @@ class RelayClient:
                 data = sock.recv(65535)
             except TimeoutError:
                 break
+            except ConnectionRefusedError:
+                continue  # an ICMP error about an earlier send: keep waiting
             except OSError:
-                # e.g. ECONNREFUSED from an ICMP error of an earlier send: keep waiting
-                continue
+                break  # the socket was closed under us (close()): give up waiting
             try:
                 reply = open_datagram(self._secret, data)
             except BadDatagram:
@@ -165,7 +166,12 @@ class RelayClient:
             ) from None
         if not reply.get("ok"):
             raise MediaUnavailable(f"relay refused info: {reply.get('error')}")
-        table = {int(s["index"]): (self.control[0], int(s["port"])) for s in reply["shards"]}
+        try:
+            table = {int(s["index"]): (self.control[0], int(s["port"])) for s in reply["shards"]}
+        except (KeyError, TypeError, ValueError):
+            raise MediaUnavailable("malformed info reply from the relay") from None
+        if not table:
+            raise MediaUnavailable("the relay has no shards")
         with self._lock:
             self._shards = table
         return dict(table)
@@ -196,15 +202,19 @@ class RelayClient:
                 LOG.warning("relay shard %d at %s does not answer", index, table[index])
                 continue
             if reply.get("ok"):
-                allocation = MediaAllocation(
-                    call_ref=call_ref,
-                    a_address=reply["a"][0],
-                    a_port=int(reply["a"][1]),
-                    b_address=reply["b"][0],
-                    b_port=int(reply["b"][1]),
-                )
+                try:
+                    allocation = MediaAllocation(
+                        call_ref=call_ref,
+                        a_address=str(reply["a"][0]),
+                        a_port=int(reply["a"][1]),
+                        b_address=str(reply["b"][0]),
+                        b_port=int(reply["b"][1]),
+                    )
+                    placement = _Placement(index, int(reply["inc"]), allocation)
+                except (KeyError, IndexError, TypeError, ValueError):
+                    raise MediaUnavailable("malformed allocate reply from the relay") from None
                 with self._lock:
-                    self._calls[call_ref] = _Placement(index, int(reply["inc"]), allocation)
+                    self._calls[call_ref] = placement
                 return allocation
             if reply.get("error") != "exhausted":
                 raise MediaUnavailable(f"relay refused allocate: {reply.get('error')}")
@@ -295,12 +305,13 @@ class RelayClient:
                         found += self._forget(refs)
                     continue
                 self._misses[index] = 0
-                incarnation = int(reply["inc"])
+                incarnation = reply.get("inc")
                 stale = [r for r in refs if self._calls[r].incarnation != incarnation]
                 if stale:
                     LOG.warning("relay shard %d restarted: %d calls lost", index, len(stale))
                     found += self._forget(stale)
-                for call_ref in reply.get("timed_out", []):
+                timed_out = reply.get("timed_out")
+                for call_ref in timed_out if isinstance(timed_out, list) else []:
                     owner = self._calls.get(call_ref)
                     if (
                         owner is not None
@@ -380,11 +391,15 @@ class RelayClient:
 def _media_stats(value: Any) -> MediaStats | None:
     if not isinstance(value, dict):
         return None
-    return MediaStats(
-        packets_in=int(value.get("packets_in", 0)),
-        packets_out=int(value.get("packets_out", 0)),
-        bytes_in=int(value.get("bytes_in", 0)),
-        bytes_out=int(value.get("bytes_out", 0)),
-        packets_lost=int(value.get("packets_lost", 0)),
-        jitter_ms=float(value.get("jitter_ms", 0.0)),
-    )
+    try:
+        return MediaStats(
+            packets_in=int(value.get("packets_in", 0)),
+            packets_out=int(value.get("packets_out", 0)),
+            bytes_in=int(value.get("bytes_in", 0)),
+            bytes_out=int(value.get("bytes_out", 0)),
+            packets_lost=int(value.get("packets_lost", 0)),
+            jitter_ms=float(value.get("jitter_ms", 0.0)),
+        )
+    except (TypeError, ValueError):
+        LOG.warning("malformed media figures from the relay: %r", value)
+        return None

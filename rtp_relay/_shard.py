@@ -16,9 +16,9 @@ The per-packet path is: epoll event → dict lookup by fd → one
 of a preallocated memoryview slice. Nothing else is allocated per packet
 beyond the source address tuple the socket module returns.
 
-Housekeeping runs every ``HOUSEKEEPING`` seconds between packets: media
-timeouts, reaping abandoned calls, and noticing shutdown or an orphaned
-shard (the supervisor gone).
+Between packets, every ``STOP_CHECK`` seconds the loop checks for shutdown
+and for an orphaned shard (the supervisor gone), and every ``HOUSEKEEPING``
+seconds it finds media timeouts and reaps abandoned calls.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from ._stream import CallMedia, Stream
 
 __all__ = ["Shard", "shard_main"]
 
-HOUSEKEEPING = 0.1
-"""Seconds between housekeeping passes: bounds how late a media timeout or a
-shutdown is noticed, at a cost of one scan of the calls table."""
+HOUSEKEEPING = 0.5
+"""Seconds between media-timeout passes: bounds how late a timeout is noticed
+(against a 60 s default), at the cost of one scan of the calls table."""
 BATCH = 64
 """Control datagrams read from one socket per readiness event."""
 BUFFER = 65536
@@ -58,6 +58,10 @@ the same reply instead of being executed twice."""
 MAX_EXPIRED = 1000
 """Timed-out calls named per ``expired`` reply (keeps it inside one datagram)."""
 MAX_LIST = 100
+_MUTATING = frozenset({"allocate", "update", "delete"})
+"""Operations whose replies are cached by cookie (the others are safe to repeat)."""
+STOP_CHECK = 0.1
+"""Seconds between checks of the shutdown event and of the supervisor's presence."""
 FOREIGN_RETRY = 30.0
 """Seconds before retrying a port another process held when we tried to bind it."""
 
@@ -380,6 +384,17 @@ class Shard:
                     reply = handler(self, message, now)
                 except _Refused as exc:
                     reply = {"ok": False, "error": exc.reason}
+                except Exception as exc:
+                    # A bug: answer, count and log it; the shard keeps its calls.
+                    self.counters["control-internal-error"] += 1
+                    event(
+                        logging.ERROR,
+                        "relay.control_bug",
+                        shard=self.index,
+                        op=message.get("op"),
+                        error=repr(exc),
+                    )
+                    reply = {"ok": False, "error": "internal-error"}
         reply["c"] = cookie
         reply["shard"] = self.index
         reply["inc"] = self.incarnation
@@ -387,9 +402,10 @@ class Shard:
             sealed = seal(self.secret, reply)
         except BadDatagram:
             sealed = seal(self.secret, {"c": cookie, "ok": False, "error": "too-large"})
-        self.replies[cookie] = sealed
-        if len(self.replies) > REPLY_CACHE:
-            self.replies.popitem(last=False)
+        if message.get("op") in _MUTATING:
+            self.replies[cookie] = sealed
+            if len(self.replies) > REPLY_CACHE:
+                self.replies.popitem(last=False)
         return sealed
 
     # ------------------------------------------------------------ housekeeping
@@ -422,7 +438,7 @@ class Shard:
     # ------------------------------------------------------------ the loop
 
     def run(self, should_stop: Any) -> None:
-        """Serve until ``should_stop()`` is true (checked at housekeeping)."""
+        """Serve until ``should_stop()`` is true (checked every STOP_CHECK seconds)."""
         buf = bytearray(BUFFER)
         whole = memoryview(buf)
         views = [whole[:n] for n in range(VIEWS + 1)]
@@ -432,8 +448,9 @@ class Shard:
         clock = time.monotonic
         counters = self.counters
         next_housekeeping = clock() + HOUSEKEEPING
+        next_stop_check = clock() + STOP_CHECK
         while True:
-            for fd, _mask in poll(HOUSEKEEPING):
+            for fd, _mask in poll(STOP_CHECK):
                 entry = media.get(fd)
                 if entry is None:
                     control = controls.get(fd)
@@ -451,7 +468,13 @@ class Shard:
                 except OSError:
                     counters["media-recv-error"] += 1
                     continue
-                destination = receive(buf, size, source, clock())
+                try:
+                    destination = receive(buf, size, source, clock())
+                except Exception as exc:
+                    # A bug in the stream logic must not take the shard's other calls down.
+                    counters["media-internal-error"] += 1
+                    event(logging.ERROR, "relay.media_bug", shard=self.index, error=repr(exc))
+                    continue
                 if destination is not None:
                     try:
                         send(views[size] if size <= VIEWS else whole[:size], destination)
@@ -460,11 +483,13 @@ class Shard:
                     except OSError:
                         counters["media-send-error"] += 1
             now = clock()
-            if now >= next_housekeeping:
-                next_housekeeping = now + HOUSEKEEPING
-                self.housekeeping(now)
+            if now >= next_stop_check:
+                next_stop_check = now + STOP_CHECK
                 if should_stop():
                     return
+                if now >= next_housekeeping:
+                    next_housekeeping = now + HOUSEKEEPING
+                    self.housekeeping(now)
 
 
 class _Refused(Exception):

@@ -238,3 +238,24 @@ def test_info_lists_the_shards(shard: Shard) -> None:
         }
     ]
     assert orjson.dumps(reply)
+
+
+def test_only_mutating_commands_are_answered_from_the_cache(shard: Shard) -> None:
+    first = command(shard, "stats", cookie="same")
+    command(shard, "allocate", call="c1", echo=False)
+    again = command(shard, "stats", cookie="same")
+    assert first is not None and again is not None
+    assert (first["calls"], again["calls"]) == (0, 1)
+    assert list(shard.replies) == [k for k in shard.replies if k != "same"]
+
+
+def test_a_bug_in_a_handler_is_answered_and_counted(
+    shard: Shard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Shard, message: dict[str, object], now: float) -> dict[str, object]:
+        raise ZeroDivisionError
+
+    monkeypatch.setitem(Shard.OPS, "query", broken)
+    reply = command(shard, "query", call="c1")
+    assert reply is not None and reply["error"] == "internal-error"
+    assert shard.counters["control-internal-error"] == 1
