@@ -545,17 +545,34 @@ def shard_main(
     shutdown: Any,
     reports: Any,
     supervisor_pid: int,
+    assignment: Any = None,
 ) -> None:
     """Entry point of a shard process (spawned by the supervisor).
 
-    Binds the control sockets, reports ("ready" | "error", index, incarnation,
-    detail) on ``reports``, then serves until ``shutdown`` is set or the
-    supervisor disappears.
+    With an ``assignment`` connection the process is a warm spare: it waits
+    (imports done, nothing bound) until the supervisor sends it the
+    ``(index, incarnation, restarts)`` of a shard that died, so a restart
+    costs a bind instead of an interpreter start. Then it binds the control
+    sockets, reports ("ready" | "error", index, incarnation, detail) on
+    ``reports``, and serves until ``shutdown`` is set or the supervisor
+    disappears.
     """
     # The supervisor handles Ctrl-C for the whole relay and tells shards to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging(config.log_level)
     _raise_fd_limit()
+
+    def should_stop() -> bool:
+        return bool(shutdown.is_set()) or os.getppid() != supervisor_pid
+
+    if assignment is not None:
+        while not assignment.poll(STOP_CHECK):
+            if should_stop():
+                return
+        try:
+            index, incarnation, restarts = assignment.recv()
+        except EOFError:
+            return
     shard = Shard(config, index, incarnation, restarts)
     try:
         shard.bind_controls()
@@ -563,10 +580,6 @@ def shard_main(
         reports.put(("error", index, incarnation, f"control port: {exc}"))
         return
     reports.put(("ready", index, incarnation, os.getpid()))
-
-    def should_stop() -> bool:
-        return bool(shutdown.is_set()) or os.getppid() != supervisor_pid
-
     try:
         shard.run(should_stop)
     finally:

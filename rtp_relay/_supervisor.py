@@ -5,6 +5,12 @@ frozen ``RelayConfig``, shares one shutdown event with them, handles SIGINT
 and SIGTERM itself, and restarts a shard that dies. It never touches a media
 or control socket: each shard binds its own.
 
+Restarting means starting a Python interpreter and importing the relay,
+which takes most of a second on a busy 2-CPU host; so one extra process is
+kept as a warm spare, imports done and nothing bound, and a dead shard's
+slice is handed to it (a pipe message), which takes milliseconds. A new
+spare is then started in the background.
+
 A restarted shard starts empty (its calls' sockets died with it) and gets a
 fresh random *incarnation* number; every control reply carries it, so a
 client that allocated on the previous incarnation knows those calls are lost
@@ -89,10 +95,14 @@ class Supervisor:
         self.restarts: dict[int, int] = {}
         self.deaths: dict[int, list[float]] = {}
         self.pending: dict[int, float] = {}
+        self.spare: tuple[Any, Any] | None = None
         self.stopping = False
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, *, spare: bool = False) -> Any:
         incarnation = _incarnation()
+        receiver = None
+        if spare:
+            receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=shard_main,
             args=(
@@ -103,13 +113,41 @@ class Supervisor:
                 self.shutdown,
                 self.reports,
                 os.getpid(),
+                receiver,
             ),
-            name=f"kx-relay-shard-{index}",
+            name="kx-relay-spare" if spare else f"kx-relay-shard-{index}",
             daemon=True,
         )
         process.start()
-        self.processes[index] = process
-        self.incarnations[index] = incarnation
+        if spare:
+            receiver.close()  # type: ignore[union-attr]  # the child holds its own copy
+            self.spare = (process, sender)
+        else:
+            self.processes[index] = process
+            self.incarnations[index] = incarnation
+        return process
+
+    def _restart(self, index: int) -> None:
+        """Give the dead shard's slice to the warm spare (or a new process), then
+        start the next spare."""
+        self.restarts[index] = self.restarts.get(index, 0) + 1
+        spare = self.spare
+        self.spare = None
+        if spare is not None and spare[0].is_alive():
+            process, sender = spare
+            incarnation = _incarnation()
+            try:
+                sender.send((index, incarnation, self.restarts[index]))
+            except OSError:
+                process.kill()
+            else:
+                self.processes[index] = process
+                self.incarnations[index] = incarnation
+                sender.close()
+                self._spawn(-1, spare=True)
+                return
+        self._spawn(index)
+        self._spawn(-1, spare=True)
 
     def start(self) -> None:
         """Start every shard and wait until each has bound its control ports."""
@@ -132,6 +170,7 @@ class Supervisor:
             if kind == "error":
                 raise RelayStartError(f"shard {index}: {detail}")
             waiting.discard(index)
+        self._spawn(-1, spare=True)
 
     def _drain_reports(self) -> None:
         while True:
@@ -173,8 +212,7 @@ class Supervisor:
             for index, when in list(self.pending.items()):
                 if when <= now:
                     del self.pending[index]
-                    self.restarts[index] = self.restarts.get(index, 0) + 1
-                    self._spawn(index)
+                    self._restart(index)
             self._drain_reports()
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 event(logging.WARNING, "relay.parent_gone")
@@ -184,10 +222,13 @@ class Supervisor:
         """Tell every shard to stop, wait briefly, then end stragglers."""
         self.stopping = True
         self.shutdown.set()
+        processes = list(self.processes.values())
+        if self.spare is not None:
+            processes.append(self.spare[0])
         deadline = time.monotonic() + STOP_GRACE
-        for process in self.processes.values():
+        for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes.values():
+        for process in processes:
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
