@@ -87,6 +87,7 @@ class RelayClient:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._shards: dict[int, Address] = {}
+        self._refresh = True
         self._round_robin = itertools.count()
         self._calls: dict[str, _Placement] = {}
         self._reported: set[str] = set()
@@ -156,7 +157,7 @@ class RelayClient:
     def _shard_table(self) -> dict[int, Address]:
         """The shards' control addresses, asked once from the shared control port."""
         with self._lock:
-            if self._shards:
+            if self._shards and not self._refresh:
                 return dict(self._shards)
         try:
             reply = self._exchange(self.control, "info")
@@ -174,6 +175,7 @@ class RelayClient:
             raise MediaUnavailable("the relay has no shards")
         with self._lock:
             self._shards = table
+            self._refresh = False
         return dict(table)
 
     # ------------------------------------------------------------ MediaRelay
@@ -223,7 +225,10 @@ class RelayClient:
             LOG.warning("relay ports exhausted on all %d shards", len(order))
             raise MediaUnavailable("relay ports exhausted")
         with self._lock:
-            self._shards = {}  # ask for the table again next time
+            # Ask for the table again next time (the relay may have been
+            # restarted with other shards); keep this one meanwhile, since
+            # live calls are addressed through it.
+            self._refresh = True
         raise MediaUnavailable("relay shards do not answer")
 
     def update(self, call_ref: str, *, a_peer: Address | None, b_peer: Address | None) -> None:

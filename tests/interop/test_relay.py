@@ -371,6 +371,7 @@ def shard_of(stats: list[dict[str, object]], port: int) -> int:
     raise AssertionError(f"port {port} in no slice")
 
 
+@pytest.mark.slow
 def test_killed_shard_restarts_while_other_shard_loses_nothing() -> None:
     relay = start(16, media_timeout=30.0)
     client = relay.client()
