@@ -33,6 +33,7 @@ import collections
 import enum
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
 
 import attrs
@@ -67,10 +68,8 @@ _HASHES: dict[str, Callable[[bytes], hashlib._Hash]] = {
 
 _QOP_VALUES = ("auth", "auth-int")
 
-# RFC 3261 §25.1 token characters. Unquoted values are read more loosely (see
-# _read_value) because some clients send a bare URI.
+# RFC 3261 §25.1 token characters.
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
-_WSP = " \t"
 _LWS = " \t\r\n"
 _HEX = frozenset("0123456789abcdefABCDEF")
 
@@ -149,119 +148,66 @@ def compute_response(
 # -- header parsing ---------------------------------------------------------
 
 
-def _skip_lws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in _LWS:
-        i += 1
-    return i
-
-
-def _read_quoted(text: str, i: int, what: str) -> tuple[str, int]:
-    """Read a quoted-string starting at the opening quote; return (value, next index).
-
-    RFC 3261 §25.1: quoted-pair = "\\" followed by any char but CR/LF. A fold
-    (CRLF then white space) inside the string counts as one space.
-    """
-    quote = text[i]
-    i += 1
-    out: list[str] = []
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == quote:
-            return "".join(out), i + 1
-        if ch == "\\" and quote == '"':
-            if i + 1 >= n or text[i + 1] in "\r\n":
-                break
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if ch in "\r\n":
-            j = i
-            while j < n and text[j] in "\r\n":
-                j += 1
-            if j < n and text[j] in _WSP:
-                out.append(" ")
-                i = _skip_lws(text, j)
-                continue
-            break
-        if (ch < " " and ch != "\t") or ch == "\x7f":
-            raise ParseError(f"Bad {what} header")
-        out.append(ch)
-        i += 1
-    raise ParseError(f"Bad {what} header")
-
-
-def _read_value(text: str, i: int, what: str) -> tuple[str, int]:
-    if i >= len(text):
-        raise ParseError(f"Bad {what} header")
-    ch = text[i]
-    if ch == '"':
-        return _read_quoted(text, i, what)
-    if ch == "'":
-        # Ekiga 3.2.7 sends every Digest value in single quotes (see
-        # shared/testdata/softphones/ekiga-3.2.7-*.sip). Accepting them costs
-        # nothing: a wrong value only makes the response fail to verify.
-        return _read_quoted(text, i, what)
-    start = i
-    while i < len(text) and text[i] not in _LWS and text[i] not in ',"':
-        if text[i] < " " or text[i] == "\x7f":
-            raise ParseError(f"Bad {what} header")
-        i += 1
-    if i == start:
-        raise ParseError(f"Bad {what} header")
-    return text[start:i], i
-
-
-def _split_scheme(value: str, what: str) -> tuple[str, int]:
-    i = _skip_lws(value, 0)
-    start = i
-    while i < len(value) and value[i] in _TOKEN_CHARS:
-        i += 1
-    scheme = value[start:i]
-    if not scheme:
-        raise ParseError(f"Bad {what} header")
-    if scheme.lower() != "digest":
-        raise UnsupportedScheme(f"Unsupported {what} scheme")
-    if i < len(value) and value[i] not in _LWS:
-        raise ParseError(f"Bad {what} header")
-    return scheme, i
+# A fold (CRLF then white space, RFC 3261 §7.3.1) counts as one space.
+_FOLD = re.compile(r"(?:\r\n|\r|\n)+[ \t]+")
+_TOKEN_RE = re.compile(r"[ \t\r\n]*([A-Za-z0-9\-.!%*_+`'~]+)")
+_SEPARATORS = re.compile(r"[ \t\r\n,]*")
+# name = value, then a comma or the end. The value is a quoted-string
+# (RFC 3261 §25.1: qdtext or quoted-pair, no CTLs), a single-quoted string
+# (Ekiga 3.2.7 quotes every Digest value that way, see
+# shared/testdata/softphones/ekiga-3.2.7-*.sip: accepting it costs nothing,
+# a wrong value only fails to verify), or a bare run of visible characters
+# (a token, or the bare URI some clients send).
+_PARAM = re.compile(
+    r"[ \t\r\n]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t\r\n]*=[ \t\r\n]*"
+    r'(?:"((?:[^"\\\x00-\x08\x0a-\x1f\x7f]++|\\[^\x00-\x08\x0a-\x1f\x7f])*+)"'
+    r"|'([^'\x00-\x08\x0a-\x1f\x7f]*)'"
+    r'|([^ \t\r\n,"\x00-\x1f\x7f]++))'
+    r"[ \t\r\n]*(?:,|\Z)"
+)
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def _parse_params(value: str, what: str) -> tuple[tuple[str, str], ...]:
     """Split ``Digest a=b, c="d"`` into ((name, value), ...), names lower-cased.
 
-    Empty list elements (",,") are allowed by the #rule of RFC 2616 §2.1.
-    A parameter given twice is refused: two values for ``response`` or
-    ``nonce`` leave no safe choice (RFC 7616 §3.4: each directive at most once).
+    Raises ``UnsupportedScheme`` for another scheme. Empty list elements
+    (",,") are allowed by the #rule of RFC 2616 §2.1. A parameter given
+    twice is refused: two values for ``response`` or ``nonce`` leave no safe
+    choice (RFC 7616 §3.4: each directive at most once).
     """
-    _, i = _split_scheme(value, what)
+    value = _FOLD.sub(" ", value)
+    scheme = _TOKEN_RE.match(value)
+    if scheme is None:
+        raise ParseError(f"Bad {what} header")
+    if scheme.group(1).lower() != "digest":
+        raise UnsupportedScheme(f"Unsupported {what} scheme")
+    pos = scheme.end()
+    n = len(value)
+    if pos < n and value[pos] not in _LWS:
+        raise ParseError(f"Bad {what} header")
     params: list[tuple[str, str]] = []
     seen: set[str] = set()
-    n = len(value)
     while True:
-        i = _skip_lws(value, i)
-        if i >= n:
+        separators = _SEPARATORS.match(value, pos)
+        if separators is not None:  # always: the pattern matches ""
+            pos = separators.end()
+        if pos >= n:
             break
-        if value[i] == ",":
-            i += 1
-            continue
-        start = i
-        while i < n and value[i] in _TOKEN_CHARS:
-            i += 1
-        name = value[start:i].lower()
-        if not name:
+        match = _PARAM.match(value, pos)
+        if match is None:
             raise ParseError(f"Bad {what} header")
-        i = _skip_lws(value, i)
-        if i >= n or value[i] != "=":
-            raise ParseError(f"Bad {what} header")
-        param_value, i = _read_value(value, _skip_lws(value, i + 1), what)
+        name, quoted, single, bare = match.groups()
+        name = name.lower()
+        if quoted is not None:
+            param_value = _QUOTED_PAIR.sub(r"\1", quoted) if "\\" in quoted else quoted
+        else:
+            param_value = single if single is not None else bare
         if name in seen:
             raise ParseError(f"Duplicate {name} in {what} header")
         seen.add(name)
         params.append((name, param_value))
-        i = _skip_lws(value, i)
-        if i < n and value[i] != ",":
-            raise ParseError(f"Bad {what} header")
+        pos = match.end()
     if not params:
         raise ParseError(f"Bad {what} header")
     return tuple(params)

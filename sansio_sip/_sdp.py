@@ -25,6 +25,7 @@ at stake (v= first, o= present and well formed, m= and c= well formed).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 import attrs
@@ -70,6 +71,7 @@ _STATIC_AUDIO: dict[str, tuple[str, int, int]] = {
     "18": ("G729", 8000, 1),
 }
 
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HT (RFC 8866 §9 text)
 _DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 _G711 = ("PCMU", "PCMA")
 _RTP_AVP = "RTP/AVP"
@@ -338,7 +340,7 @@ def parse_sdp(body: bytes) -> SessionDescription:
         if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
             raise _bad("malformed line")
         kind, value = line[0], line[2:]
-        if any(c < " " and c != "\t" for c in value) or "\x7f" in value:
+        if _CONTROL.search(value):
             raise _bad("control character")
         if not session and (kind != "v" or value.strip() != "0"):
             raise _bad("must start with v=0")
