@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -73,7 +74,7 @@ _COMPACT = {
 def parse_response(raw: bytes) -> SipResponse:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
-    version, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    version, status, reason = [*lines[0].split(" ", 2), ""][:3]
     assert version == "SIP/2.0", lines[0]
     headers = []
     for line in lines[1:]:
@@ -218,6 +219,8 @@ class SipClient:
         try:
             if self.transport == "udp":
                 data, _ = self.sock.recvfrom(65535)
+                while not data.startswith(b"SIP/2.0 "):  # not a response: not for us
+                    data, _ = self.sock.recvfrom(65535)
                 return parse_response(data)
             while True:
                 messages, rest = split_stream(self.buffer)
@@ -248,7 +251,9 @@ class SipClient:
     def register(self, user: str, password: str, *, expires: int = 300) -> SipResponse:
         """REGISTER, answer the challenge, return the final answer to the second request."""
         uri = f"sip:{REALM}"
-        first = self.final(self.request("REGISTER", uri, user=user, headers=(("Expires", str(expires)),)))
+        first = self.final(
+            self.request("REGISTER", uri, user=user, headers=(("Expires", str(expires)),))
+        )
         assert first.status == 401, first.raw
         challenge = challenge_params(first.header("WWW-Authenticate") or "")
         response = digest_response(user, password, "REGISTER", uri, challenge["nonce"])
@@ -324,6 +329,7 @@ def run_cli(db: Path, *args: str, stdin: bytes | None = None) -> subprocess.Comp
 
 
 def make_database(directory: Path) -> Path:
+    """A database with the test accounts, made with the operator's CLI."""
     db = directory / "kx.sqlite"
     for user, password in {**ACCOUNTS, **SUSPENDED}.items():
         run_cli(db, "accounts", "add", user, "--password", password)
@@ -332,18 +338,30 @@ def make_database(directory: Path) -> Path:
     return db
 
 
+def copy_database(template: Path, directory: Path) -> Path:
+    """A private copy of the template database (the CLI is slow to start; copying is not)."""
+    with sqlite3.connect(template) as source, sqlite3.connect(directory / "kx.sqlite") as copy:
+        source.backup(copy)
+    source.close()
+    copy.close()
+    return directory / "kx.sqlite"
+
+
 def free_port() -> int:
-    """A loopback port free for both UDP and TCP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+    """A loopback port free for both UDP and TCP right now, below the kernel's ephemeral
+    range (32768 and up) so that no client socket of the tests can be handed it meanwhile."""
+    for _ in range(200):
+        port = random.randrange(10000, 20000)
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+        ):
+            try:
+                udp.bind(("127.0.0.1", port))
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no free loopback port")
 
 
@@ -402,16 +420,23 @@ def start_server(driver: str, directory: Path, db: Path, *extra: str) -> SipServ
     )
 
 
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_database(tmp_path_factory.mktemp("kx-template"))
+
+
 @pytest.fixture(scope="module", params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def server(driver: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SipServer]:
+def server(
+    driver: str, template_db: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SipServer]:
     """A server shared by a module's tests for one driver; tests must not change its accounts."""
     directory = tmp_path_factory.mktemp(f"kx-{driver}")
-    running = start_server(driver, directory, make_database(directory))
+    running = start_server(driver, directory, copy_database(template_db, directory))
     try:
         yield running
     finally:
@@ -419,9 +444,9 @@ def server(driver: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
 
 
 @pytest.fixture
-def fresh_server(driver: str, tmp_path: Path) -> Iterator[SipServer]:
+def fresh_server(driver: str, template_db: Path, tmp_path: Path) -> Iterator[SipServer]:
     """A server of the test's own, with its own database."""
-    running = start_server(driver, tmp_path, make_database(tmp_path))
+    running = start_server(driver, tmp_path, copy_database(template_db, tmp_path))
     try:
         yield running
     finally:
