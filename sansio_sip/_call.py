@@ -150,6 +150,7 @@ class Call:
     retransmits: list[_Retransmit] = attrs.field(factory=list)
     reinvite: _Reinvite | None = None
     hangup_deadline: float = 0.0
+    ring_deadline: float | None = None
     ladder: list[LadderEntry] = attrs.field(factory=list)
 
 
@@ -501,6 +502,9 @@ class CallManager:
                 return
             if call.state not in (CallState.CALLING, CallState.EARLY):
                 return
+            if call.state is CallState.CALLING:
+                call.ring_deadline = now + self._config.ring_timeout
+                self._arm(call, call.ring_deadline)
             call.state = CallState.EARLY
             try:
                 body = self._sdp_toward_a(call, response)
@@ -1186,6 +1190,14 @@ class CallManager:
             self._call_timer(call, now, wall, out)
 
     def _call_timer(self, call: Call, now: float, wall: float, out: list[Action]) -> None:
+        if (
+            call.state is CallState.EARLY
+            and call.ring_deadline is not None
+            and now >= call.ring_deadline
+        ):
+            # Timer C (§16.6): nobody answered; CANCEL the carrier, 408 the client.
+            self._fail_a(call, 408, "Request Timeout", now, wall, out, ended_by="timeout")
+            return
         if now >= call.hangup_deadline:
             self._hang_up(call, "timeout", "maximum call duration reached", now, wall, out)
             return

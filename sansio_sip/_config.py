@@ -9,6 +9,8 @@ Defaults and their reasoning:
   recommended Register expires (§4.1).
 * ``max_transactions`` = 20,000 and ``max_calls`` = 5,000: the engine answers
   503 with Retry-After beyond these rather than grow without bound (DESIGN §7).
+* ``ring_timeout`` = 180 s: RFC 3261 §16.6 Timer C (> 3 min) for a proxy;
+  a carrier that rings longer is cancelled and the client gets 408.
 * ``register_expires`` = 300 s: the guide's recommended value, granted when
   the client asks for more (no binding is stored, guide §8).
 """
@@ -55,6 +57,7 @@ class EngineConfig:
     retry_after: int = 5
     echo_number: str = "9196"
     max_call_duration: float = 4 * 3600.0
+    ring_timeout: float = 180.0
     uniform_auth_failures: bool = False
     ladder_limit: int = 64
 

@@ -519,7 +519,14 @@ class TransactionLayer:
         if key in self._servers:
             raise LocalProtocolError("Server transaction already exists; use match_server first")
         machine = Machine.INVITE_SERVER if request.method == "INVITE" else Machine.NON_INVITE_SERVER
-        destination = response_destination(request.top_via, source, transport)
+        if self.force_rport and not transport.reliable:
+            # Symmetric response routing (RFC 3581 §4, forced): answer the
+            # address the request came from. This also ignores a maddr, which
+            # on a public edge would let anyone aim our answers at a third
+            # party (a reflection attack); softphones never multicast.
+            destination = source
+        else:
+            destination = response_destination(request.top_via, source, transport)
         transaction = ServerTransaction(
             key=key,
             machine=machine,

@@ -389,3 +389,23 @@ def test_in_dialog_requests_from_a_nat_latch_to_the_source() -> None:
     sends = h.receive(bye, source=CARRIER)
     [bye_a] = requests_to(sends, CLIENT)  # to the INVITE's source, not 10.0.0.7
     assert bye_a.method == "BYE"
+
+
+def test_carrier_ringing_forever_is_cancelled_after_the_ring_timeout() -> None:
+    h = Harness.make(account(), ring_timeout=60.0)
+    a_invite, sends = invite(h, Phone())
+    [b_invite] = requests_to(sends, CARRIER)
+    h.receive(answer(b_invite, 180, "Ringing"), source=CARRIER)
+    sends = h.advance(61)
+    assert 408 in statuses(s for s in sends if s.destination == CLIENT)
+    assert "CANCEL" in {r.method for r in requests_to(sends, CARRIER)}
+    assert h.record_log[-1].ended_by == "timeout"
+
+
+def test_responses_ignore_maddr_and_go_back_to_the_source() -> None:
+    # A forged maddr must not aim kx-sipd's answers at a third party.
+    h = Harness.make()
+    request = Phone().request("OPTIONS")
+    request.headers.set("Via", "SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-m1;maddr=192.0.2.99")
+    [send] = h.receive(request)
+    assert send.destination == CLIENT
