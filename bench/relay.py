@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import resource
@@ -40,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from rtp_relay import LocalRelay, RelayConfig, start_local_relay  # noqa: E402
+from sansio_sip import MediaUnavailable  # noqa: E402
 
 DIRECT = (("", 0), ("", 0))
 """A placeholder destination pair: the endpoints of a call send to each other."""
@@ -223,7 +225,13 @@ class Kx:
         dests = []
         for i in range(calls):
             ref = f"bench-{i}"
-            alloc = self.client.allocate(ref, a_peer=None, echo=False)
+            try:
+                alloc = self.client.allocate(ref, a_peer=None, echo=False)
+            except MediaUnavailable as exc:
+                raise SystemExit(
+                    f"allocating call {i + 1} of {calls} failed ({exc}): is another relay "
+                    "holding ports of the range? choose another with --range/--ramp-range"
+                ) from None
             self.refs.append(ref)
             dests.append(((alloc.a_address, alloc.a_port), (alloc.b_address, alloc.b_port)))
         return dests
@@ -307,6 +315,37 @@ def show(result: dict[str, Any]) -> None:
     print("  ".join(f"{result.get(c)!s:>13}" for c in COLUMNS), flush=True)
 
 
+def ramp_up(make: Any, ramp: list[int], args: argparse.Namespace) -> dict[str, Any] | None:
+    """Steps of growing N; a step is held when one of ``--tries`` attempts holds.
+    Stops at the first step not held. ``make(calls)`` gives a relay for a step
+    (the same one for kx, a fresh floor process per step)."""
+    best = None
+    for calls in ramp:
+        ok = False
+        for _attempt in range(args.tries):
+            relay = make(calls)
+            try:
+                result = step(relay, calls, args.secs, args.load_procs)
+            finally:
+                if isinstance(relay, Floor):
+                    relay.close()
+            show(result)
+            record(args, result)
+            if held(result):
+                ok = True
+                break
+        if not ok:
+            break
+        best = result
+    return best
+
+
+def record(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if args.json:
+        with open(args.json, "a") as out:
+            out.write(json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -318,91 +357,89 @@ def main() -> int:
     ap.add_argument(
         "--ramp", default="250,400,550,700,850,1000,1150", help="phase 2 calls per step"
     )
-    ap.add_argument("--secs", type=float, default=4.0)
+    ap.add_argument("--secs", type=float, default=4.0, help="seconds per step")
+    ap.add_argument("--tries", type=int, default=2, help="attempts per ramp step (noisy hosts)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--load-procs", type=int, default=2)
+    ap.add_argument("--phases", default="1,2", help="which phases to run")
+    ap.add_argument("--json", help="append every step as a JSON line to this file")
     args = ap.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lo, hi = (int(x) for x in args.range.split("-"))
     rlo, rhi = (int(x) for x in args.ramp_range.split("-"))
     ramp = [int(x) for x in args.ramp.split(",")]
+    phases = {int(x) for x in args.phases.split(",")}
     print(
-        f"# relay bench: {args.shards} shards, {args.load_procs} load processes, {args.secs} s per step, {os.cpu_count()} CPUs"
+        f"# relay bench: {args.shards} shards, {args.load_procs} load processes, "
+        f"{args.secs} s per step, {os.cpu_count()} CPUs"
     )
     print("  ".join(f"{c:>13}" for c in COLUMNS))
+    summary: list[str] = []
 
-    print(f"# phase 1: {args.calls} calls on {lo}-{hi}")
-    phase1 = {"direct": step(None, args.calls, args.secs, args.load_procs)}
-    show(phase1["direct"])
-    kx = Kx((lo, hi), args.shards)
-    try:
-        phase1["kx"] = step(kx, args.calls, args.secs, args.load_procs)
-        show(phase1["kx"])
-    finally:
-        kx.close()
-    floor = Floor(args.floor_base, args.calls)
-    try:
-        phase1["floor"] = step(floor, args.calls, args.secs, args.load_procs)
-        show(phase1["floor"])
-    finally:
-        floor.close()
-
-    print(f"# phase 2: ramp {ramp} (kx on {rlo}-{rhi}, floor from {args.floor_base})")
-    best: dict[str, dict[str, Any] | None] = {"kx": None, "floor": None}
-    kx = Kx((rlo, rhi), args.shards)
-    try:
-        for calls in ramp:
-            result = step(kx, calls, args.secs, args.load_procs)
-            show(result)
-            if not held(result):
-                break
-            best["kx"] = result
-    finally:
-        kx.close()
-    for calls in ramp:
-        floor = Floor(args.floor_base, calls)
+    if 1 in phases:
+        print(f"# phase 1: {args.calls} calls on {lo}-{hi}")
+        phase1 = {"direct": step(None, args.calls, args.secs, args.load_procs)}
+        show(phase1["direct"])
+        kx = Kx((lo, hi), args.shards)
         try:
-            result = step(floor, calls, args.secs, args.load_procs)
+            phase1["kx"] = step(kx, args.calls, args.secs, args.load_procs)
+            show(phase1["kx"])
+        finally:
+            kx.close()
+        floor = Floor(args.floor_base, args.calls)
+        try:
+            phase1["floor"] = step(floor, args.calls, args.secs, args.load_procs)
+            show(phase1["floor"])
         finally:
             floor.close()
-        show(result)
-        if not held(result):
-            break
-        best["floor"] = result
-    top = max((b["calls"] for b in best.values() if b), default=0)
-    direct_top = step(None, top, args.secs, args.load_procs) if top else None
-    if direct_top:
-        show(direct_top)
+        for result in phase1.values():
+            record(args, result)
+        d = phase1["direct"]
+        for name in ("kx", "floor"):
+            r = phase1[name]
+            summary.append(
+                f"{name:>5} @ {r['calls']} calls: {r['delivered_pps']} pps delivered, "
+                f"loss {r['loss_pct']} %, added latency p50 {round(r['p50_us'] - d['p50_us'], 1)} us"
+                f" / p99 {round(r['p99_us'] - d['p99_us'], 1)} us (direct p50 {d['p50_us']} / "
+                f"p99 {d['p99_us']} us), relay CPU {r['relay_us_per_pkt']} us/packet"
+            )
+
+    if 2 in phases:
+        print(f"# phase 2: ramp {ramp} (kx on {rlo}-{rhi}, floor from {args.floor_base})")
+        kx = Kx((rlo, rhi), args.shards)
+        try:
+            best_kx = ramp_up(lambda _calls: kx, ramp, args)
+        finally:
+            kx.close()
+        best_floor = ramp_up(lambda calls: Floor(args.floor_base, calls), ramp, args)
+        top = max((b["calls"] for b in (best_kx, best_floor) if b), default=0)
+        direct_top = step(None, top, args.secs, args.load_procs) if top else None
+        if direct_top:
+            show(direct_top)
+            record(args, direct_top)
+        for name, b in (("kx", best_kx), ("floor", best_floor)):
+            if b is None:
+                summary.append(f"{name:>5}: held no ramp step")
+                continue
+            extra = ""
+            if direct_top and direct_top["calls"] == b["calls"]:
+                extra = (
+                    f", added p50 {round(b['p50_us'] - direct_top['p50_us'], 1)} us / "
+                    f"p99 {round(b['p99_us'] - direct_top['p99_us'], 1)} us"
+                )
+            summary.append(
+                f"{name:>5} largest N held: {b['calls']} calls, {b['delivered_pps']} pps, "
+                f"loss {b['loss_pct']} %, p50 {b['p50_us']} us / p99 {b['p99_us']} us{extra}, "
+                f"relay CPU {b['relay_us_per_pkt']} us/packet"
+            )
+        if best_kx and best_floor:
+            ratio = best_kx["delivered_pps"] / best_floor["delivered_pps"]
+            summary.append(f"ratio kx/floor, highest packets/s held: {ratio:.2f}x")
 
     print("\n# summary")
-    d = phase1["direct"]
-    for name in ("kx", "floor"):
-        r = phase1[name]
-        print(
-            f"{name:>5} @ {r['calls']} calls: {r['delivered_pps']} pps delivered, loss {r['loss_pct']} %, "
-            f"added latency p50 {round(r['p50_us'] - d['p50_us'], 1)} us / p99 {round(r['p99_us'] - d['p99_us'], 1)} us, "
-            f"relay CPU {r['relay_us_per_pkt']} us/packet"
-        )
-    for name in ("kx", "floor"):
-        b = best[name]
-        if b is None:
-            print(f"{name:>5}: held no ramp step")
-            continue
-        extra = ""
-        if direct_top and direct_top["calls"] == b["calls"]:
-            extra = (
-                f", added p50 {round(b['p50_us'] - direct_top['p50_us'], 1)} us / "
-                f"p99 {round(b['p99_us'] - direct_top['p99_us'], 1)} us"
-            )
-        print(
-            f"{name:>5} largest N held: {b['calls']} calls, {b['delivered_pps']} pps, loss {b['loss_pct']} %, "
-            f"p50 {b['p50_us']} us / p99 {b['p99_us']} us{extra}"
-        )
-    if best["kx"] and best["floor"]:
-        print(
-            f"ratio kx/floor (highest pps held): {best['kx']['delivered_pps'] / best['floor']['delivered_pps']:.2f}x"
-        )
+    for line in summary:
+        print(line)
     return 0
 
 
