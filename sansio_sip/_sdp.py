@@ -443,10 +443,12 @@ def _chosen_stream(sd: SessionDescription) -> int:
 
 def _keep_formats(m: Media, keep: tuple[str, ...]) -> Media:
     """``m`` with only the formats ``keep``, their per-format attributes, and
-    every other attribute except SRTP/DTLS keying."""
+    every other line except SRTP/DTLS keying and k=."""
     keep_set = set(keep)
     lines: list[Line] = []
     for kind, value in m.lines:
+        if kind == "k":  # RFC 8866 §5.12: obsolete key field, "MUST NOT be used"
+            continue
         if kind == "a":
             name, rest = _attribute(value)
             if name in _SECURITY:
@@ -465,7 +467,7 @@ def filter_offer(sd: SessionDescription) -> SessionDescription:
     Keeps the first audio stream that is RTP/AVP and offers PCMU or PCMA,
     with only PCMU, PCMA and telephone-event/8000, their rtpmap/fmtp/rtcp-fb
     lines, and every other attribute (ptime, maxptime, direction, ...)
-    except SRTP/DTLS keying. Every other m= line is left out (video,
+    except SRTP/DTLS keying (and k= lines). Every other m= line is left out (video,
     further audio streams): ``make_answer`` puts them back at port 0 for the
     offerer, as RFC 3264 §6 requires. Session-level keying and BUNDLE
     grouping go too. Raises ``NoAcceptableCodec`` (488) when no stream is
@@ -476,7 +478,7 @@ def filter_offer(sd: SessionDescription) -> SessionDescription:
     session = tuple(
         (kind, value)
         for kind, value in sd.lines
-        if not (kind == "a" and _session_attribute_dropped(value))
+        if kind != "k" and not (kind == "a" and _session_attribute_dropped(value))
     )
     return SessionDescription(
         lines=session, media=(_keep_formats(chosen, _accepted_formats(chosen)),)

@@ -601,3 +601,75 @@ def test_parse_authorization_raises_only_parse_error(text: str) -> None:
             parse_authorization(value)
         with contextlib.suppress(ParseError):
             parse_challenge(value)
+
+
+def test_fold_inside_quoted_string_is_one_space() -> None:
+    creds = parse_authorization(
+        'Digest username="Mufasa", realm="two\r\n   words", nonce="n", uri="u", response="r"'
+    )
+    assert creds.realm == "two words"
+    with pytest.raises(ParseError):  # a bare line end is not a fold
+        parse_authorization('Digest username="a\r\nb", realm="r", nonce="n", uri="u", response="r"')
+
+
+def test_quoted_pair_cannot_smuggle_control_characters() -> None:
+    with pytest.raises(ParseError):
+        parse_authorization(
+            'Digest username="a\\\x00", realm="r", nonce="n", uri="u", response="r"'
+        )
+    creds = parse_authorization(
+        'Digest username="a\\b", realm="r\\\\", nonce="n", uri="u", response="r"'
+    )
+    assert (creds.username, creds.realm) == ("ab", "r\\")
+
+
+def test_single_quote_quirk_and_odd_values_round_trip() -> None:
+    creds = parse_authorization(
+        "Digest username='acme', realm='sip.kx21.com', nonce='n', uri='sip:x', "
+        'response=\'r\', algorithm="x y", qop="auth", nc=00000001, cnonce=c'
+    )
+    assert creds.username == "acme" and creds.uri == "sip:x" and creds.algorithm == "x y"
+    again = parse_authorization(make_authorization(creds))
+    assert attrs_without_params(again) == attrs_without_params(creds)
+    ha1 = compute_ha1("acme", "sip.kx21.com", "secret")
+    assert not verify_response(creds, ha1=ha1, method="INVITE")  # unknown algorithm
+
+
+def test_engine_flow_register_then_invite_single_use() -> None:
+    """The guide §6 ladders with this module's pieces: a REGISTER may reuse
+    its nonce with a growing nc; an INVITE's nonce is accepted once."""
+    realm = "sip.kx21.com"
+    factory = NonceFactory(SECRET)
+    tracker = NonceTracker()
+    ha1 = compute_ha1("acmeclient", realm, "pw")
+    nonce = factory.make(wall=WALL, salt=b"salt0001")
+    challenge = parse_challenge(make_challenge(realm=realm, nonce=nonce))
+    for nc in (1, 2, 3):  # Linphone-style re-REGISTER with the same nonce
+        creds = parse_authorization(
+            make_authorization(
+                answer_challenge(
+                    challenge,
+                    username="acmeclient",
+                    ha1=ha1,
+                    method="REGISTER",
+                    uri=f"sip:{realm}",
+                    cnonce="abc",
+                    nc=nc,
+                )
+            )
+        )
+        assert factory.check(creds.nonce, wall=WALL + nc) is NonceStatus.VALID
+        assert verify_response(creds, ha1=ha1, method="REGISTER", realm=realm)
+    invite = answer_challenge(
+        challenge,
+        username="acmeclient",
+        ha1=ha1,
+        method="INVITE",
+        uri=f"sip:17752180264@{realm}",
+        cnonce="def",
+    )
+    assert verify_response(invite, ha1=ha1, method="INVITE", realm=realm)
+    assert tracker.use(invite.nonce, wall=WALL + 5)
+    assert not tracker.use(invite.nonce, wall=WALL + 6)  # the next INVITE needs a fresh nonce
+    # a password change is seen at once: the old HA1 no longer verifies
+    assert not verify_response(invite, ha1=compute_ha1("acmeclient", realm, "new"), method="INVITE")

@@ -527,3 +527,43 @@ def test_sdp_like_text_parses_or_raises_parse_error(lines: list[str]) -> None:
     assert again == sd
     with contextlib.suppress(NoAcceptableCodec):
         filter_offer(sd)
+
+
+def test_ipv6_offer_and_answer_mapping_keep_offer_order() -> None:
+    offer = parse_sdp(
+        sdp(
+            [
+                "v=0",
+                "o=- 7 7 IN IP6 2001:db8::10",
+                "s=-",
+                "c=IN IP6 2001:db8::10",
+                "t=0 0",
+                "m=video 6000 RTP/AVP 96",
+                "a=rtpmap:96 H264/90000",
+                "m=audio 6002 RTP/AVP 9 0",
+                "i=voice",
+                "k=prompt",
+                "a=rtpmap:9 G722/8000",
+            ]
+        )
+    )
+    assert media_address(offer) == ("2001:db8::10", 6002)
+    assert offer.media[1].other == (("i", "voice"), ("k", "prompt"))
+    forwarded = filter_offer(offer)
+    assert forwarded.media[0].formats == ("0",)
+    assert forwarded.media[0].other == (("i", "voice"),)  # k= is obsolete keying
+    carrier = parse_sdp(sdp([*BASE, "m=audio 7000 RTP/AVP 0"]))
+    answer = rewrite_media(make_answer(offer, carrier), address="2001:db8::99", port=20010)
+    assert [(m.media, m.port, m.formats) for m in answer.media] == [
+        ("video", 0, ("96",)),
+        ("audio", 20010, ("0",)),
+    ]
+    text = serialize_sdp(answer).decode()
+    assert "c=IN IP6 2001:db8::99\r\n" in text and "IP4" not in text
+
+
+def test_no_acceptable_codec_is_a_remote_error_with_warning_header() -> None:
+    err = NoAcceptableCodec()
+    assert isinstance(err, RemoteProtocolError)
+    assert (err.status_code, err.reason, err.warning_code) == (488, "Not Acceptable Here", 305)
+    assert err.headers == (("Warning", '305 kx-sipd "Incompatible media format"'),)
