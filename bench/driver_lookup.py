@@ -58,18 +58,23 @@ def main() -> None:
         store.add_account("alice", "pw")
         store.get_account("alice")  # warm the cache
         reference = _inline(store, args.count)
-        print(f"inline get_account (reference): {args.count / reference:10.0f} /s"
-              f"  {reference / args.count * 1e6:6.1f} us each")
+        print(
+            f"inline get_account (reference): {args.count / reference:10.0f} /s"
+            f"  {reference / args.count * 1e6:6.1f} us each"
+        )
         runs = [("asyncio", {}), ("asyncio", {"use_uvloop": True}), ("trio", {})]
         for backend, options in runs:
             name = backend + ("+uvloop" if options else "")
             for concurrency in (1, 16):
-                elapsed = anyio.run(_hop, store, args.count, concurrency, backend=backend,
-                                    backend_options=options)
+                elapsed = anyio.run(
+                    _hop, store, args.count, concurrency, backend=backend, backend_options=options
+                )
                 done = args.count // concurrency * concurrency
-                print(f"thread hop {name:14s} x{concurrency:<2d}: {done / elapsed:10.0f} /s"
-                      f"  {elapsed / done * 1e6:6.1f} us each"
-                      f"  ({elapsed / done / (reference / args.count):5.1f}x inline)")
+                print(
+                    f"thread hop {name:14s} x{concurrency:<2d}: {done / elapsed:10.0f} /s"
+                    f"  {elapsed / done * 1e6:6.1f} us each"
+                    f"  ({elapsed / done / (reference / args.count):5.1f}x inline)"
+                )
         store.close()
 
 
