@@ -394,7 +394,10 @@ class Engine:
         request.to  # noqa: B018
         if len(request.vias) > self.config.max_via_depth:
             raise ParseError("Too many Via headers", 400)
-        self._transactions.stamp_via(request, source)
+        if not self._transactions.force_rport:
+            # Without symmetric routing the response address is read from the
+            # stamped request (§18.2.2); with it, only the answers are stamped.
+            self._transactions.stamp_via(request, source)
         method = request.method
         if method == "ACK":
             self._on_ack(request, source, transport, connection, now, wall, out)

@@ -317,7 +317,7 @@ def _with_param(
     params.append((name, value))
 
 
-def _replace_top_via(request: Request, value: str) -> None:
+def _replace_top_via(request: Request | Response, value: str) -> None:
     """Replace the first Via value, keeping every Via field where it was."""
     fields = list(request.headers)
     vias = [
@@ -416,7 +416,7 @@ class TransactionLayer:
 
     # ------------------------------------------------------------------ server side
 
-    def stamp_via(self, request: Request, source: Address) -> None:
+    def stamp_via(self, request: Request | Response, source: Address) -> None:
         """Record in the top Via where ``request`` really came from (§18.2.1, RFC 3581 §4).
 
         Adds ``received=<source IP>`` when the sent-by host is a domain name or

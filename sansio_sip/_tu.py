@@ -81,5 +81,9 @@ class Responder:
             context.final = True
             headers = (*headers, ("Server", self._server_name))
         response = make_response(request, code, reason, to_tag=tag, headers=headers, body=body)
+        # §18.2.1 / RFC 3581 §4: received and rport belong in the answer's copy
+        # of the top Via; the request itself is left as received (its parsed
+        # headers stay cached).
+        self._transactions.stamp_via(response, transaction.source)
         self._counters[f"responses_out.{code}"] += 1
         return self._transactions.respond(transaction, response, now=now)
