@@ -21,6 +21,9 @@ import json
 import sys
 from pathlib import Path
 
+# runnable from a plain checkout, like the other harnesses
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sansio_sip import ParseError
 from sansio_sip._sdp import (
     NoAcceptableCodec,
