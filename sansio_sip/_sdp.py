@@ -467,11 +467,11 @@ def filter_offer(sd: SessionDescription) -> SessionDescription:
     Keeps the first audio stream that is RTP/AVP and offers PCMU or PCMA,
     with only PCMU, PCMA and telephone-event/8000, their rtpmap/fmtp/rtcp-fb
     lines, and every other attribute (ptime, maxptime, direction, ...)
-    except SRTP/DTLS keying (and k= lines). Every other m= line is left out (video,
-    further audio streams): ``make_answer`` puts them back at port 0 for the
-    offerer, as RFC 3264 §6 requires. Session-level keying and BUNDLE
-    grouping go too. Raises ``NoAcceptableCodec`` (488) when no stream is
-    usable.
+    except SRTP/DTLS keying and k= lines. Every other m= line is left out
+    (video, further audio streams): ``make_answer`` puts them back at port 0
+    for the offerer, as RFC 3264 §6 requires. Session-level keying and
+    BUNDLE grouping go too. Raises ``NoAcceptableCodec`` (488) when no
+    stream is usable.
     """
     index = _chosen_stream(sd)
     chosen = sd.media[index]
@@ -514,7 +514,9 @@ def make_answer(offer: SessionDescription, answer: SessionDescription) -> Sessio
         raise NoAcceptableCodec(305, "Incompatible media format")
     carried = answer.media[0]
     keep = tuple(pt for pt in carried.formats if pt in offered_formats)
-    if not _has_g711(carried, keep):
+    # Judge by the offer's mappings: the answer uses the offer's numbers
+    # (RFC 3264 §6.1) and may omit an rtpmap the offer already gave.
+    if not _has_g711(offered, keep):
         raise NoAcceptableCodec(305, "Incompatible media format")
     carried = _keep_formats(carried, keep)
     streams: list[Media] = []

@@ -562,6 +562,14 @@ def test_ipv6_offer_and_answer_mapping_keep_offer_order() -> None:
     assert "c=IN IP6 2001:db8::99\r\n" in text and "IP4" not in text
 
 
+def test_answer_without_rtpmap_is_judged_by_the_offer_mapping() -> None:
+    offer = offer_of(
+        "m=audio 4000 RTP/AVP 96 101", "a=rtpmap:96 PCMA/8000", "a=rtpmap:101 telephone-event/8000"
+    )
+    carrier = parse_sdp(sdp([*BASE, "m=audio 7000 RTP/AVP 96 101"]))
+    assert make_answer(offer, carrier).media[0].formats == ("96", "101")
+
+
 def test_no_acceptable_codec_is_a_remote_error_with_warning_header() -> None:
     err = NoAcceptableCodec()
     assert isinstance(err, RemoteProtocolError)
