@@ -11,6 +11,8 @@ Defaults and their reasoning:
   503 with Retry-After beyond these rather than grow without bound (DESIGN §7).
 * ``ring_timeout`` = 180 s: RFC 3261 §16.6 Timer C (> 3 min) for a proxy;
   a carrier that rings longer is cancelled and the client gets 408.
+* ``max_pending_lookups`` = 5,000: requests waiting for the store; past it a
+  slow store means 503 at once instead of a growing queue.
 * ``register_expires`` = 300 s: the guide's recommended value, granted when
   the client asks for more (no binding is stored, guide §8).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import attrs
 
+from ._guard import GuardConfig
 from ._model import Address
 
 __all__ = ["ALLOWED_METHODS", "EngineConfig"]
@@ -59,6 +62,9 @@ class EngineConfig:
     max_call_duration: float = 4 * 3600.0
     ring_timeout: float = 180.0
     uniform_auth_failures: bool = False
+    max_pending_lookups: int = 5_000
+    max_delayed_answers: int = 10_000
+    guard: GuardConfig = attrs.field(factory=GuardConfig)
     ladder_limit: int = 64
 
     @nonce_secret.validator

@@ -22,6 +22,7 @@ and ``media_allocated`` / ``media_failed``.
 from __future__ import annotations
 
 import email.utils
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ from ._digest import (
 from ._errors import ParseError, RemoteProtocolError
 from ._events import ResponseReceived, TransactionTimedOut, TransportFailed
 from ._framing import StreamFramer
+from ._guard import Guard
 from ._headers import NameAddr, parse_contact
 from ._message import Request, Response, parse_message
 from ._model import Account, Address, MediaAllocation, Transport
@@ -96,6 +98,12 @@ class Engine:
         self._pending: dict[int, _PendingAuth] = {}
         self._next_token = 1
         self._counters: Counter[str] = Counter()
+        self._guard = Guard(config.guard)
+        # Failure answers held back by the per-username slow-down:
+        # (deadline, seq, transaction, request, reason).
+        self._delayed: list[tuple[float, int, ServerTransaction, Request, str]] = []
+        self._delay_seq = 0
+        self._last_now = 0.0
         self._responder = Responder(self._transactions, entropy, self._counters, config.server_name)
         self._calls = CallManager(
             responder=self._responder,
@@ -124,6 +132,13 @@ class Engine:
         sent: faults become answers or counted drops.
         """
         out: list[Action] = []
+        if self._guard.banned(source[0], now=now):
+            # Checked before any parsing: a banned source costs one dict look-up.
+            self._counters["dropped_banned"] += 1
+            if connection is not None:
+                out.append(CloseConnection(connection=connection, reason="source banned"))
+                self._framers.pop(connection, None)
+            return out
         if transport is Transport.UDP:
             self._counters["datagrams_in"] += 1
             if not data.strip(b"\r\n \t"):
@@ -174,12 +189,22 @@ class Engine:
         out: list[Action] = []
         self._dispatch(self._transactions.handle_timer(now=now), now, wall, out)
         self._calls.handle_timer(now=now, wall=wall, out=out)
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, transaction, request, reason = heapq.heappop(self._delayed)
+            if not context_of(transaction).final:
+                self._respond(transaction, request, 403, reason, now, wall, out)
         return out
 
     def next_timer(self) -> float | None:
         """The monotonic time at which ``handle_timer`` must next be called."""
         deadlines = [
-            d for d in (self._transactions.next_timer(), self._calls.next_timer()) if d is not None
+            d
+            for d in (
+                self._transactions.next_timer(),
+                self._calls.next_timer(),
+                self._delayed[0][0] if self._delayed else None,
+            )
+            if d is not None
         ]
         return min(deadlines) if deadlines else None
 
@@ -281,7 +306,17 @@ class Engine:
         stats["transactions"] = len(self._transactions)
         stats["calls_active"] = self._calls.active
         stats["pending_lookups"] = len(self._pending)
+        stats["bans"] = len(self._guard.bans(now=self._last_now))
+        stats["guard_entries"] = len(self._guard)
         return stats
+
+    def bans(self, *, now: float) -> list[tuple[str, float]]:
+        """Sources banned for failed authentications, as (ip, seconds left)."""
+        return self._guard.bans(now=now)
+
+    def clear_bans(self, ip: str | None = None) -> int:
+        """Lift the ban on ``ip`` (all bans when None); returns how many."""
+        return self._guard.clear(ip)
 
     # --------------------------------------------------------------- internals
 
@@ -308,6 +343,15 @@ class Engine:
         if isinstance(message, Response):
             self._counters["responses_in"] += 1
             self._on_response(message, source, now, wall, out)
+            return
+        self._last_now = now
+        if len(message.headers) > self.config.max_headers:
+            self._parse_failed(
+                data, ParseError("Too many header fields", 400), source, transport, connection, out
+            )
+            return
+        if self._guard.is_scanner(message.headers.get("User-Agent")):
+            self._counters["dropped_scanner"] += 1
             return
         self._counters["requests_in"] += 1
         self._counters[f"requests_in.{message.method}"] += 1
@@ -575,6 +619,20 @@ class Engine:
             # RFC 3261 §17.2.1: 100 Trying before any slow work (the account
             # look-up, the relay), so the client stops retransmitting (DESIGN §7).
             self._respond(transaction, request, 100, "Trying", now, wall, out)
+        if len(self._pending) >= self.config.max_pending_lookups:
+            # The store is not keeping up: answer now rather than queue without bound.
+            self._counters["overload_rejected"] += 1
+            self._respond(
+                transaction,
+                request,
+                503,
+                "Service Unavailable",
+                now,
+                wall,
+                out,
+                headers=(("Retry-After", str(self.config.retry_after)),),
+            )
+            return
         token = self._new_token()
         self._pending[token] = _PendingAuth(
             transaction=transaction,
@@ -674,7 +732,31 @@ class Engine:
             ):
                 # Issue 7 §4: one answer for both, so svwar cannot enumerate users.
                 wire_reason = "Forbidden"
-            self._respond(transaction, request, 403, wire_reason, now, wall, out)
+            banned, delay = self._guard.failure(
+                pending.source[0], pending.credentials.username, now=now
+            )
+            if banned:
+                self._counters["bans_imposed"] += 1
+                out.append(
+                    Log(
+                        level="warning",
+                        event="guard.banned",
+                        fields=(
+                            ("source", pending.source[0]),
+                            ("seconds", self.config.guard.ban_time),
+                            ("account", pending.credentials.username),
+                        ),
+                    )
+                )
+            if delay > 0 and len(self._delayed) < self.config.max_delayed_answers:
+                self._counters["answers_delayed"] += 1
+                self._delay_seq += 1
+                heapq.heappush(
+                    self._delayed,
+                    (now + delay, self._delay_seq, transaction, request, wire_reason),
+                )
+            else:
+                self._respond(transaction, request, 403, wire_reason, now, wall, out)
         out.append(
             Log(
                 level="info",
