@@ -116,6 +116,7 @@ class _Reinvite:
     origin: Leg
     transaction: ServerTransaction
     request: Request
+    offer: SessionDescription  # the re-offer as the origin sent it
     client: ClientTransaction | None = None
 
 
@@ -830,7 +831,8 @@ class CallManager:
                 self._retransmit(call, leg, data, request.cseq.number, now)
             return
         try:
-            offer = filter_offer(parse_sdp(request.body))
+            original = parse_sdp(request.body)
+            offer = filter_offer(original)
         except NoAcceptableCodec as error:
             self._respond_in_call(
                 call, transaction, request, 488, error.reason, now, wall, out, headers=error.headers
@@ -847,7 +849,7 @@ class CallManager:
             address, port = media.a_address, media.a_port
         body = bytes(rewrite_media(offer, address=address, port=port))
         other.last_sdp = body
-        pending = _Reinvite(origin=leg, transaction=transaction, request=request)
+        pending = _Reinvite(origin=leg, transaction=transaction, request=request, offer=original)
         call.reinvite = pending
         relayed = self._request(other, "INVITE", body=body)
         client, items = self._transactions.create_client(
@@ -890,8 +892,11 @@ class CallManager:
         body = b""
         if 200 <= code < 300 and response.body and call.media is not None:
             try:
-                answer = parse_sdp(response.body)
-            except ParseError:
+                # One m= line per stream of the re-offer (RFC 3264 §8, §6).
+                answer: SessionDescription | None = make_answer(
+                    pending.offer, parse_sdp(response.body)
+                )
+            except (ParseError, NoAcceptableCodec):
                 answer = None
             if answer is not None:
                 if pending.origin is call.a:
