@@ -747,7 +747,9 @@ class CallManager:
         call, leg_name = found
         leg = call.a if leg_name == "A" else call.b
         assert leg is not None
-        context_of(transaction).call = call
+        context = context_of(transaction)
+        context.call = call
+        context.account = call.account.username
         self._ladder(call, "in", leg_name, source, transaction.transport, bytes(request), wall)
         if leg_name == "A":
             # NAT: the client's requests latch where we send ours (DESIGN §2).
@@ -1248,6 +1250,8 @@ class CallManager:
                     self._ladder(
                         call, "out", leg, item.destination, item.transport, item.data, wall
                     )
+            elif isinstance(item, Log):
+                out.append(item)
             elif isinstance(item, (ResponseReceived, TransactionTimedOut, TransportFailed)):
                 self.transaction_event(item, now=now, wall=wall or 0.0, out=out)
 

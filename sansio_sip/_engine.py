@@ -633,6 +633,7 @@ class Engine:
                 headers=(("Retry-After", str(self.config.retry_after)),),
             )
             return
+        context_of(transaction).account = credentials.username
         token = self._new_token()
         self._pending[token] = _PendingAuth(
             transaction=transaction,
@@ -865,27 +866,13 @@ class Engine:
             transaction, request, code, reason, now=now, headers=headers, to_tag=to_tag
         )
         self._dispatch(items, now, wall, out)
-        if code >= 200:
-            out.append(
-                Log(
-                    level="info",
-                    event="transaction.answered",
-                    fields=(
-                        ("call_id", request.call_id),
-                        ("method", request.method),
-                        ("source", format_address(transaction.source)),
-                        ("status", code),
-                        ("reason", reason),
-                    ),
-                )
-            )
 
     def _dispatch(
         self, items: Sequence[object], now: float, wall: float, out: list[Action]
     ) -> None:
         """Route what the transaction layer returned: sends out, events to the TU."""
         for item in items:
-            if isinstance(item, Send):
+            if isinstance(item, (Send, Log)):
                 out.append(item)
             elif isinstance(item, (ResponseReceived, TransactionTimedOut, TransportFailed)):
                 self._calls.transaction_event(item, now=now, wall=wall, out=out)

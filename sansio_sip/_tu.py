@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from ._actions import Log
 from ._message import Request, make_response
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
@@ -26,6 +27,7 @@ __all__ = ["Responder", "ServerContext", "context_of"]
 class ServerContext:
     to_tag: str | None = None
     final: bool = False
+    account: str | None = None  # the username of its credentials, once seen
     call: Any = None  # the _call.Call this transaction belongs to, if any
 
 
@@ -67,7 +69,9 @@ class Responder:
         to_tag: str | None = None,
     ) -> Sequence[object]:
         """Answer ``request``; returns what the transaction layer returned
-        (sends and events) for the caller to dispatch.
+        (sends and events) for the caller to dispatch, and for a final answer
+        the ``Log`` of the transaction's outcome (issue 3 §6: time, Call-ID,
+        method, account, source, status).
 
         Every response but 100 carries a To tag (§8.2.6.2); the transaction
         keeps the tag it first used.
@@ -86,4 +90,27 @@ class Responder:
         # headers stay cached).
         self._transactions.stamp_via(response, transaction.source)
         self._counters[f"responses_out.{code}"] += 1
-        return self._transactions.respond(transaction, response, now=now)
+        items: list[object] = list(self._transactions.respond(transaction, response, now=now))
+        if code >= 200:
+            source = transaction.source
+            items.append(
+                Log(
+                    level="info",
+                    event="transaction.answered",
+                    fields=(
+                        ("call_id", request.call_id),
+                        ("method", request.method),
+                        ("account", context.account),
+                        ("source", _format(source)),
+                        ("transport", transaction.transport.value),
+                        ("status", code),
+                        ("reason", reason),
+                    ),
+                )
+            )
+        return items
+
+
+def _format(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

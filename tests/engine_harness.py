@@ -13,6 +13,7 @@ import attrs
 from sansio_sip._actions import (
     AllocateMedia,
     CallRecord,
+    Log,
     LookupAccount,
     ReleaseMedia,
     Send,
@@ -83,6 +84,7 @@ class Harness:
     media: dict[str, MediaAllocation] = attrs.field(factory=dict)
     released: list[str] = attrs.field(factory=list)
     updates: list[UpdateMedia] = attrs.field(factory=list)
+    logs: list[Log] = attrs.field(factory=list)
     pending: list[object] = attrs.field(factory=list)
     next_port: int = 20000
 
@@ -173,6 +175,8 @@ class Harness:
                 self.released.append(action.call_ref)
             elif isinstance(action, UpdateMedia):
                 self.updates.append(action)
+            elif isinstance(action, Log):
+                self.logs.append(action)
         return sends
 
 

@@ -248,3 +248,15 @@ def test_tcp_stream_is_framed_and_keepalive_ping_gets_pong() -> None:
     sends = h.receive(data[10:], transport=Transport.TCP, connection=3)
     assert [s.connection for s in sends] == [3]
     assert statuses(sends) == [200]
+
+
+def test_each_transaction_outcome_is_one_log_line_with_the_account() -> None:
+    h = Harness.make(account())
+    _register(h, Phone(), password="wrong")
+    answered = [log.as_dict() for log in h.logs if log.event == "transaction.answered"]
+    assert [(a["method"], a["status"], a["account"]) for a in answered] == [
+        ("REGISTER", 401, None),
+        ("REGISTER", 403, "acme"),
+    ]
+    assert answered[-1]["source"] == "198.51.100.7:40000"
+    assert answered[-1]["call_id"] == "c1d2e3f4@10.0.0.7"
