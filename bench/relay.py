@@ -352,7 +352,7 @@ def main() -> int:
     )
     ap.add_argument("--range", default="20000-20999", help="kx relay range for phase 1")
     ap.add_argument("--ramp-range", default="20000-24999", help="kx relay range for phase 2")
-    ap.add_argument("--floor-base", type=int, default=40000, help="first port of the floor relay")
+    ap.add_argument("--floor-base", type=int, default=26000, help="first port of the floor relay")
     ap.add_argument("--calls", type=int, default=250, help="phase 1 calls")
     ap.add_argument(
         "--ramp", default="250,400,550,700,850,1000,1150", help="phase 2 calls per step"
