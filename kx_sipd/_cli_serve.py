@@ -109,6 +109,49 @@ def _serve_option(name: str, **kwargs: Any) -> Callable[[F], F]:
     "max_calls", type=click.IntRange(min=1), default=5000, show_default=True, metavar="N"
 )
 @_serve_option("uniform_auth_failures", is_flag=True)
+@_serve_option(
+    "max_message_size",
+    type=click.IntRange(min=1024),
+    default=65_535,
+    show_default=True,
+    metavar="BYTES",
+)
+@_serve_option(
+    "max_headers", type=click.IntRange(min=16), default=256, show_default=True, metavar="N"
+)
+@_serve_option(
+    "max_via_depth", type=click.IntRange(min=1), default=64, show_default=True, metavar="N"
+)
+@_serve_option(
+    "max_transactions", type=click.IntRange(min=1), default=20_000, show_default=True, metavar="N"
+)
+@_serve_option(
+    "max_pending_lookups",
+    type=click.IntRange(min=1),
+    default=5_000,
+    show_default=True,
+    metavar="N",
+)
+@_serve_option("retry_after", type=click.IntRange(min=1), default=5, show_default=True, metavar="S")
+@_serve_option(
+    "ban_failures", type=click.IntRange(min=1), default=10, show_default=True, metavar="N"
+)
+@_serve_option(
+    "ban_window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+)
+@_serve_option(
+    "ban_time",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    metavar="S",
+)
+@_serve_option("slow_after", type=click.IntRange(min=1), default=5, show_default=True, metavar="N")
+@_serve_option("drop_scanners", is_flag=True)
 @_serve_option("metrics", type=AddressType(), metavar="HOST:PORT")
 @_serve_option(
     "store_timeout",

@@ -56,8 +56,7 @@ def run_server(settings: ServerSettings) -> None:
             nonce_secret=store.nonce_secret,
             sip_address=sip_address,
             echo_number=settings.echo_number,
-            max_calls=settings.max_calls,
-            uniform_auth_failures=settings.uniform_auth_failures,
+            **settings.engine_limits(),
         )
         relay: MediaRelay
         if settings.relay is not None:

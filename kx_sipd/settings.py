@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from sansio_sip import Address
+from sansio_sip import Address, EngineConfig
 
 __all__ = [
     "DEFAULT_DB",
@@ -250,8 +250,90 @@ class ServerSettings:
     uniform_auth_failures: bool = attrs.field(
         default=False,
         metadata=_doc(
-            "Answer unknown users like wrong passwords (403 Bad credentials), so failures do "
-            "not reveal which usernames exist (the guide distinguishes them by default)."
+            "Answer unknown users and wrong passwords alike (403 Forbidden), so failures do not "
+            "reveal which usernames exist (sipvicious svwar); logs and counters keep the true "
+            "reason. Off by default: the guide's distinct '403 Unknown user' and '403 Bad "
+            "credentials' help integrators debug."
+        ),
+    )
+    max_message_size: int = attrs.field(
+        default=65_535,
+        validator=_positive,
+        metadata=_doc(
+            "Largest SIP message in bytes, UDP datagram or TCP message (headers and body); a "
+            "larger request is answered 513 Message Too Large (over TCP the connection is "
+            "closed), anything else larger is dropped."
+        ),
+    )
+    max_headers: int = attrs.field(
+        default=256,
+        validator=_positive,
+        metadata=_doc(
+            "Header fields one request may carry; more are answered 400 Too many header fields."
+        ),
+    )
+    max_via_depth: int = attrs.field(
+        default=64,
+        validator=_positive,
+        metadata=_doc(
+            "Via headers one request may carry; more are answered 400 Too many Via headers."
+        ),
+    )
+    max_transactions: int = attrs.field(
+        default=20_000,
+        validator=_positive,
+        metadata=_doc(
+            "Live SIP transactions (retransmission state) the server keeps; a new request beyond "
+            "it is answered 503 with Retry-After instead of growing without bound."
+        ),
+    )
+    max_pending_lookups: int = attrs.field(
+        default=5_000,
+        validator=_positive,
+        metadata=_doc(
+            "Requests waiting for the account store; beyond it a slow store means 503 with "
+            "Retry-After at once instead of a growing queue."
+        ),
+    )
+    retry_after: int = attrs.field(
+        default=5,
+        validator=_positive,
+        metadata=_doc("Seconds announced in Retry-After on every 503 the server answers."),
+    )
+    ban_failures: int = attrs.field(
+        default=10,
+        validator=_positive,
+        metadata=_doc(
+            "Failed authentications (wrong password, unknown user) from one source IP within "
+            "--ban-window that ban the IP: everything it sends is then dropped for --ban-time. "
+            "Bans are per source, so guessing an account's password never locks its owner out."
+        ),
+    )
+    ban_window: float = attrs.field(
+        default=60.0,
+        validator=_positive,
+        metadata=_doc("Seconds within which --ban-failures failures ban a source."),
+    )
+    ban_time: float = attrs.field(
+        default=600.0,
+        validator=_positive,
+        metadata=_doc("Seconds a banned source stays banned."),
+    )
+    slow_after: int = attrs.field(
+        default=5,
+        validator=_positive,
+        metadata=_doc(
+            "Failed authentications for one username (from anywhere) within --ban-window after "
+            "which that username's failure answers are delayed (0.5 s, doubling up to 8 s); "
+            "successful logins are never delayed."
+        ),
+    )
+    drop_scanners: bool = attrs.field(
+        default=False,
+        metadata=_doc(
+            "Drop without an answer requests whose User-Agent names a known SIP scanner "
+            "(friendly-scanner, sipvicious, sipcli, sipsak, ...). Off by default: sipsak is also "
+            "a legitimate diagnostic tool."
         ),
     )
     metrics: Address | None = attrs.field(
@@ -319,6 +401,32 @@ class ServerSettings:
         elif host == "::":
             host = "::1"
         return (host, port)
+
+    def engine_limits(self) -> dict[str, Any]:
+        """The ``EngineConfig`` keyword arguments these settings decide: the
+        limits, the overload answer, and the brute-force guard."""
+        # GuardConfig is not exported by sansio_sip: start from the engine's
+        # own default guard and change only what the operator decides.
+        default_guard = attrs.fields(EngineConfig).guard.default.factory()
+        guard = attrs.evolve(
+            default_guard,
+            failures=self.ban_failures,
+            window=self.ban_window,
+            ban_time=self.ban_time,
+            user_failures=self.slow_after,
+            drop_scanners=self.drop_scanners,
+        )
+        return {
+            "max_calls": self.max_calls,
+            "uniform_auth_failures": self.uniform_auth_failures,
+            "max_message_size": self.max_message_size,
+            "max_headers": self.max_headers,
+            "max_via_depth": self.max_via_depth,
+            "max_transactions": self.max_transactions,
+            "max_pending_lookups": self.max_pending_lookups,
+            "retry_after": self.retry_after,
+            "guard": guard,
+        }
 
     @property
     def advertised_rtp_address(self) -> str:
