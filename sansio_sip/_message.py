@@ -632,23 +632,23 @@ def _parse_status_line(line: str) -> tuple[str, int, str]:
 
 def _split_fields(lines: list[str], status: int | None) -> tuple[list[tuple[str, str]], list[str]]:
     """Header lines (folding already undone) as (name, value) pairs, plus each
-    field's lookup key."""
-    fields: list[tuple[str, str]] = []
-    keys: list[str] = []
+    field's lookup key. Comprehensions over the lines: the common spellings
+    need no per-line Python branching."""
+    parts = [line.partition(":") for line in lines]
     known = _KNOWN_NAMES
-    for line in lines:
-        name, sep, value = line.partition(":")
-        key = known.get(name)
-        if key is None:
-            if not sep:
-                raise ParseError("Bad header line", status)
-            name = name.rstrip(" \t")  # "TO :" -- LWS before the colon (RFC 4475 wsinv)
-            if not _TOKEN.fullmatch(name):
-                raise ParseError("Bad header name", status)
-            key = canonical_name(name)
-        fields.append((name, value.strip(" \t")))
-        keys.append(key)
-    return fields, keys
+    keys = [known.get(name) for name, _, _ in parts]
+    if None in keys:
+        for i, (name, sep, _) in enumerate(parts):
+            if keys[i] is None:
+                if not sep:
+                    raise ParseError("Bad header line", status)
+                name = name.rstrip(" \t")  # "TO :" -- LWS before the colon (RFC 4475 wsinv)
+                if not _TOKEN.fullmatch(name):
+                    raise ParseError("Bad header name", status)
+                keys[i] = canonical_name(name)
+                parts[i] = (name, sep, parts[i][2])
+    fields = [(name, value.strip(" \t")) for name, _, value in parts]
+    return fields, keys  # type: ignore[return-value]  # every None was replaced above
 
 
 def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request | Response:
@@ -702,7 +702,7 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
         message = Request(method, uri, headers, b"", version)
 
     body_start = head_end + 4
-    lengths = headers._positions("content-length")
+    lengths = headers._positions("content-length") if "content-length" in keys else None
     if lengths:
         values = {fields[i][1] for i in lengths}
         if len(values) > 1:
@@ -719,20 +719,80 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
 
     # The facts every element relies on, checked once (RFC 4475 §3.1.2, §3.3.1);
     # the results stay cached for the engine.
-    message.vias  # noqa: B018
-    message.from_  # noqa: B018
-    message.to  # noqa: B018
-    message.call_id  # noqa: B018
-    cseq = message.cseq
-    if "contact" in keys:
-        message.contacts  # noqa: B018
-    if "date" in keys:
-        for value in headers.get_all("date"):
-            if not _DATE.fullmatch(value):
-                raise ParseError("Bad Date", status)
+    cseq = _check_core(headers, fields, keys, status)
     if not is_response and cseq.method != method:
         raise ParseError("CSeq method does not match", status)
     return message
+
+
+def _all_values(fields: list[tuple[str, str]], keys: list[str], key: str, first: int) -> list[str]:
+    if keys.count(key) == 1:
+        return [fields[first][1]]
+    return [fields[j][1] for j, k in enumerate(keys) if k == key]
+
+
+def _check_core(
+    headers: Headers, fields: list[tuple[str, str]], keys: list[str], status: int | None
+) -> CSeq:
+    """Parse Via, From, To, Call-ID, CSeq (and Contact, Date when present) into
+    the accessor cache, raising what the accessors would. This is the same
+    work as reading those accessors, without their per-call overhead."""
+    first = headers._first_map()
+    cache = headers._cache
+    i = first.get("via")
+    if i is None:
+        raise ParseError("Missing Via", status)
+    vias: list[Via] = []
+    try:
+        for value in _all_values(fields, keys, "via", i):
+            for item in split_header_values(value) if "," in value else (value,):
+                vias.append(parse_via(item))
+    except ParseError:
+        raise ParseError("Bad Via", status) from None
+    cache["vias"] = vias
+    for key, label in (("from", "From"), ("to", "To")):
+        i = first.get(key)
+        if i is None:
+            raise ParseError(f"Missing {label}", status)
+        if keys.count(key) > 1:
+            raise ParseError(f"Bad {label}: more than one", status)
+        try:
+            cache[key] = parse_name_addr(fields[i][1], header=label)
+        except ParseError as exc:
+            raise ParseError(exc.reason, status) from None
+    i = first.get("call-id")
+    if i is None:
+        raise ParseError("Missing Call-ID", status)
+    call_id = fields[i][1]
+    if not _CALL_ID.fullmatch(call_id):
+        raise ParseError("Bad Call-ID", status)
+    cache["call_id"] = call_id
+    i = first.get("cseq")
+    if i is None:
+        raise ParseError("Missing CSeq", status)
+    if keys.count("cseq") > 1:
+        raise ParseError("Bad CSeq: more than one", status)
+    try:
+        cseq = parse_cseq(fields[i][1])
+    except ParseError as exc:
+        raise ParseError(exc.reason, status) from None
+    cache["cseq"] = cseq
+    i = first.get("contact")
+    if i is not None:
+        contacts: list[NameAddr | Literal["*"]] = []
+        try:
+            for value in _all_values(fields, keys, "contact", i):
+                for item in split_header_values(value) if "," in value else (value,):
+                    contacts.append(parse_contact(item))
+        except ParseError as exc:
+            raise ParseError(exc.reason, status) from None
+        cache["contacts"] = contacts
+    i = first.get("date")
+    if i is not None:
+        for value in _all_values(fields, keys, "date", i):
+            if not _DATE.fullmatch(value):
+                raise ParseError("Bad Date", status)
+    return cseq
 
 
 def make_response(
