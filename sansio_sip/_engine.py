@@ -297,8 +297,14 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """No live transaction, pending look-up or call."""
-        return not self._pending and len(self._transactions) == 0 and self._calls.active == 0
+        """Nothing in flight: no call, no pending look-up or delayed answer, no
+        transaction still working (lingering ones only absorb retransmissions)."""
+        return (
+            not self._pending
+            and not self._delayed
+            and self._calls.active == 0
+            and not self._transactions.busy
+        )
 
     def stats(self) -> dict[str, int]:
         """Counters since start: messages, drops by reason, answers, auth outcomes, calls."""

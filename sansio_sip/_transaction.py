@@ -414,6 +414,19 @@ class TransactionLayer:
         """Live transactions, client and server."""
         return len(self._servers) + len(self._clients)
 
+    @property
+    def busy(self) -> bool:
+        """True while work is in flight: a client transaction, or a server
+        transaction still waiting for its final response. Transactions that
+        only linger to absorb retransmissions (Completed, Confirmed,
+        Accepted) do not count: a server can stop without waiting for them."""
+        if self._clients:
+            return True
+        return any(
+            t.state in (TransactionState.TRYING, TransactionState.PROCEEDING)
+            for t in self._servers.values()
+        )
+
     # ------------------------------------------------------------------ server side
 
     def stamp_via(self, request: Request | Response, source: Address) -> None:

@@ -260,3 +260,11 @@ def test_each_transaction_outcome_is_one_log_line_with_the_account() -> None:
     ]
     assert answered[-1]["source"] == "198.51.100.7:40000"
     assert answered[-1]["call_id"] == "c1d2e3f4@10.0.0.7"
+
+
+def test_engine_is_idle_once_answers_only_linger_for_retransmissions() -> None:
+    h = Harness.make(account())
+    assert h.engine.idle
+    _register(h, Phone())
+    assert h.engine.stats()["transactions"] > 0  # Timer J keeps them absorbing
+    assert h.engine.idle
