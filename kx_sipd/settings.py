@@ -361,9 +361,13 @@ class ServerSettings:
         metadata=_doc("Open TCP connections from one IP address; more are refused."),
     )
     tcp_idle_timeout: float = attrs.field(
-        default=300.0,
+        default=3600.0,
         validator=_positive,
-        metadata=_doc("Seconds a TCP connection may stay silent before it is closed."),
+        metadata=_doc(
+            "Seconds a TCP connection may stay silent before it is closed. Long: a softphone "
+            "on TCP behind NAT is silent through a quiet call, and kx-sipd's BYE needs its "
+            "connection."
+        ),
     )
 
     @listen.validator
