@@ -62,6 +62,7 @@ class EngineConfig:
     max_call_duration: float = 4 * 3600.0
     ring_timeout: float = 180.0
     uniform_auth_failures: bool = False
+    one_device_per_account: bool = False
     max_pending_lookups: int = 5_000
     max_delayed_answers: int = 10_000
     guard: GuardConfig = attrs.field(factory=GuardConfig)

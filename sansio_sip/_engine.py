@@ -32,6 +32,7 @@ from ._actions import Action, CloseConnection, Log, LookupAccount, Send
 from ._auth import AuthOutcome, decide
 from ._call import CallManager
 from ._config import EngineConfig
+from ._devices import DeviceTracker
 from ._digest import (
     DigestCredentials,
     NonceFactory,
@@ -99,6 +100,7 @@ class Engine:
         self._next_token = 1
         self._counters: Counter[str] = Counter()
         self._guard = Guard(config.guard)
+        self._devices = DeviceTracker(interval=config.register_expires)
         # Failure answers held back by the per-username slow-down:
         # (deadline, seq, transaction, request, reason).
         self._delayed: list[tuple[float, int, ServerTransaction, Request, str]] = []
@@ -319,6 +321,11 @@ class Engine:
     def bans(self, *, now: float) -> list[tuple[str, float]]:
         """Sources banned for failed authentications, as (ip, seconds left)."""
         return self._guard.bans(now=now)
+
+    def shared_accounts(self, *, now: float) -> list[tuple[str, tuple[str, ...]]]:
+        """Accounts used from several addresses within the registration
+        interval (guide §3 asks for one device per account), with the addresses."""
+        return self._devices.shared(now=now)
 
     def clear_bans(self, ip: str | None = None) -> int:
         """Lift the ban on ``ip`` (all bans when None); returns how many."""
@@ -697,6 +704,8 @@ class Engine:
             self._auth_failed(pending, outcome, now, wall, out)
             return
         assert account is not None
+        if self._second_device(pending, account, now, wall, out):
+            return
         if request.method == "REGISTER":
             self._registered(transaction, request, account, now, wall, out)
             return
@@ -711,6 +720,45 @@ class Engine:
             wall=wall,
             out=out,
         )
+
+    def _second_device(
+        self, pending: _PendingAuth, account: Account, now: float, wall: float, out: list[Action]
+    ) -> bool:
+        """Track the devices of ``account``; True when the request was refused
+        because another device is using it (``one_device_per_account``)."""
+        request = pending.request
+        ip = pending.source[0]
+        if request.method == "REGISTER" and _unregisters(request):
+            self._devices.forget(account.username, ip)
+            return False
+        others = self._devices.others(account.username, ip, now=now)
+        if others and self.config.one_device_per_account:
+            self._counters["refused_second_device"] += 1
+            self._respond(
+                pending.transaction,
+                request,
+                403,
+                "Account in use by another device",
+                now,
+                wall,
+                out,
+            )
+            return True
+        self._devices.seen(account.username, ip, now=now)
+        if others:
+            self._counters["accounts_shared"] += 1
+            out.append(
+                Log(
+                    level="warning",
+                    event="account.shared",
+                    fields=(
+                        ("account", account.username),
+                        ("source", ip),
+                        ("others", ",".join(others)),
+                    ),
+                )
+            )
+        return False
 
     def _auth_failed(
         self,
@@ -890,6 +938,25 @@ def _with_expires(contact: NameAddr, granted: int) -> str:
     # Always in name-addr form: in addr-spec form a URI with parameters would
     # be ambiguous (RFC 3261 §20.10).
     return str(NameAddr(updated.display_name, updated.uri, updated.params, True))
+
+
+def _unregisters(request: Request) -> bool:
+    """A REGISTER that removes its bindings (Expires: 0, or every contact expires=0)."""
+    header = _int_or_none(request.headers.get("Expires"))
+    contacts = request.headers.get_all("Contact")
+    if not contacts:
+        return False
+    for value in contacts:
+        if value.strip() == "*":
+            return header == 0
+        try:
+            contact = parse_contact(value)
+        except ParseError:
+            return False
+        expires = _int_or_none(contact.param("expires")) if contact != "*" else None
+        if (expires if expires is not None else header) != 0:
+            return False
+    return True
 
 
 def _int_or_none(value: str | None) -> int | None:
