@@ -118,4 +118,13 @@ class Log:
         return dict(self.fields)
 
 
-Action = Send | CloseConnection | LookupAccount | AllocateMedia | UpdateMedia | ReleaseMedia | CallRecord | Log
+Action = (
+    Send
+    | CloseConnection
+    | LookupAccount
+    | AllocateMedia
+    | UpdateMedia
+    | ReleaseMedia
+    | CallRecord
+    | Log
+)
