@@ -541,6 +541,8 @@ class SipClient:
         self.remote_to = ""
         self.remote_target = ""
         self.cseq = 0
+        self._uri = ""
+        self._branch = ""
         self.ha1 = compute_ha1(USER, REALM, PASSWORD)
 
     def close(self) -> None:
@@ -626,10 +628,16 @@ class SipClient:
 
     def invite(self, dialed: str, sdp: bytes, *, wait: float = SIP_WAIT) -> SipMessage:
         """INVITE ``dialed``; answer the 401 (ACK it, resend with credentials);
-        return the final response to the authenticated INVITE (ACKed if 2xx)."""
+        return the final response to the authenticated INVITE (ACKed)."""
+        self.send_invite(dialed, sdp, wait=wait)
+        return self.final(wait)
+
+    def send_invite(self, dialed: str, sdp: bytes, *, wait: float = SIP_WAIT) -> None:
+        """The INVITE, its 401 and ACK, and the INVITE with credentials, without
+        waiting for the answer to the latter (``final`` or ``cancel`` do)."""
         self.call_id = f"{_token()}@media-e2e"
         self.local_tag = _token()[:10]
-        uri = f"sip:{dialed}@{REALM}"
+        uri = self._uri = f"sip:{dialed}@{REALM}"
         to = f"<{uri}>"
         contact = (f"Contact: <sip:{USER}@{HOST}:{self.port}>", "Content-Type: application/sdp")
         branch = _token()
@@ -648,24 +656,43 @@ class SipClient:
             cnonce=_token(),
         )
         self.cseq = 2
-        branch = _token()
+        self._branch = _token()
         self._request(
             "INVITE",
             uri,
             cseq=2,
-            branch=branch,
+            branch=self._branch,
             to=to,
             extra=(f"Authorization: {make_authorization(credentials)}", *contact),
             body=sdp,
         )
+
+    def final(self, wait: float = SIP_WAIT) -> SipMessage:
+        """The final response to the authenticated INVITE, ACKed (RFC 3261 §13.2.2.4
+        for a 2xx, §17.1.1.3 otherwise)."""
         final = self._final(2, wait)
         if 200 <= final.status < 300:
             self.remote_to = final.header("to")
-            self.remote_target = contact_uri(final.header("contact")) or uri
+            self.remote_target = contact_uri(final.header("contact")) or self._uri
             self._request("ACK", self.remote_target, cseq=2, branch=_token(), to=self.remote_to)
         else:
-            self._request("ACK", uri, cseq=2, branch=branch, to=final.header("to"))
+            self._request("ACK", self._uri, cseq=2, branch=self._branch, to=final.header("to"))
         return final
+
+    def cancel(self, wait: float = SIP_WAIT) -> tuple[SipMessage, SipMessage]:
+        """CANCEL the pending INVITE (§9.1: same branch, same CSeq number);
+        (the CANCEL's final response, the INVITE's final response)."""
+        self._request("CANCEL", self._uri, cseq=2, branch=self._branch, to=f"<{self._uri}>")
+        answered = self.expect(
+            lambda m: (
+                m.is_response
+                and m.status >= 200
+                and m.call_id == self.call_id
+                and m.header("cseq") == "2 CANCEL"
+            ),
+            wait,
+        )
+        return answered, self.final(wait)
 
     def _final(self, cseq: int, wait: float) -> SipMessage:
         return self.expect(
@@ -703,8 +730,10 @@ class CarrierCall:
 
     invite: SipMessage
     answer: bytes
+    tag: str
     acked: bool = False
     bye: SipMessage | None = None
+    cancelled: bool = False
 
 
 class Carrier:
@@ -717,6 +746,7 @@ class Carrier:
         self.sock.settimeout(0.05)
         self.port = int(self.sock.getsockname()[1])
         self.media_ports: dict[str, int] = {}
+        self.ring_only: set[str] = set()
         self.calls: dict[str, CarrierCall] = {}
         self.unexpected: list[str] = []
         self._changed = threading.Condition()
@@ -732,10 +762,13 @@ class Carrier:
         self._thread.join(5)
         self.sock.close()
 
-    def expect(self, digits: str, media_port: int) -> None:
-        """Answer an INVITE for ``digits`` with media on 127.0.0.1:``media_port``."""
+    def expect(self, digits: str, media_port: int, *, answer: bool = True) -> None:
+        """Answer an INVITE for ``digits`` with media on 127.0.0.1:``media_port``
+        (or, without ``answer``, only ring until it is cancelled)."""
         with self._changed:
             self.media_ports[digits] = media_port
+            if not answer:
+                self.ring_only.add(digits)
 
     def wait(
         self, digits: str, done: Callable[[CarrierCall], bool], wait: float = SIP_WAIT
@@ -789,9 +822,11 @@ class Carrier:
             tag = _token()[:8]
             contact = f"Contact: <sip:carrier@{HOST}:{self.port}>"
             self.sock.sendto(response_to(message, 100, "Trying"), source)
-            self.sock.sendto(
-                response_to(message, 180, "Ringing", to_tag=tag, extra=(contact,)), source
-            )
+            ringing = response_to(message, 180, "Ringing", to_tag=tag, extra=(contact,))
+            self.sock.sendto(ringing, source)
+            if digits in self.ring_only:
+                self.calls[digits] = CarrierCall(invite=message, answer=ringing, tag=tag)
+                return
             answer = response_to(
                 message,
                 200,
@@ -800,8 +835,14 @@ class Carrier:
                 extra=(contact, "Content-Type: application/sdp"),
                 body=make_sdp(port, user="carrier", payloads=(0, 101)),
             )
-            self.calls[digits] = CarrierCall(invite=message, answer=answer)
+            self.calls[digits] = CarrierCall(invite=message, answer=answer, tag=tag)
             self.sock.sendto(answer, source)
+        elif method == "CANCEL":
+            self.sock.sendto(response_to(message, 200, "OK"), source)
+            if call is not None and not call.cancelled:
+                call.cancelled = True
+                call.answer = response_to(call.invite, 487, "Request Terminated", to_tag=call.tag)
+                self.sock.sendto(call.answer, source)
         elif method == "ACK":
             if call is not None:
                 call.acked = True
@@ -835,6 +876,11 @@ def rtp_packet(
     return header + payload
 
 
+def rtcp_receiver_report(ssrc: int) -> bytes:
+    """An RTCP receiver report without report blocks (RFC 3550 §6.4.2)."""
+    return struct.pack("!BBHI", 0x80, 201, 1, ssrc)
+
+
 def dtmf_packets(digit: int, *, seq: int, ts: int, ssrc: int) -> list[bytes]:
     """One RFC 4733 event as a sender emits it (§2.5): the first packet with the
     marker bit, growing durations, three end packets; one timestamp throughout."""
@@ -865,11 +911,28 @@ def dtmf_packets(digit: int, *, seq: int, ts: int, ssrc: int) -> list[bytes]:
 class RtpEndpoint:
     """A UDP socket on loopback standing in for one side's media."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
+        try:
+            self.sock.bind((HOST, port))
+        except OSError:
+            self.sock.close()
+            raise
         self.address: tuple[str, int] = self.sock.getsockname()
         self.port = self.address[1]
+
+    @classmethod
+    def pair(cls) -> tuple[RtpEndpoint, RtpEndpoint]:
+        """An RTP socket on an even port and its RTCP socket on the next one."""
+        for _ in range(100):
+            rtp = cls()
+            if rtp.port % 2 == 0:
+                try:
+                    return rtp, cls(rtp.port + 1)
+                except OSError:
+                    pass
+            rtp.close()
+        raise RuntimeError("no free even/odd port pair")
 
     def __enter__(self) -> RtpEndpoint:
         return self

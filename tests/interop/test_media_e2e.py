@@ -52,6 +52,7 @@ from media_support import (
     dtmf_packets,
     make_database,
     make_sdp,
+    rtcp_receiver_report,
     rtp_packet,
     sdp_media,
     start_server,
@@ -227,6 +228,37 @@ def test_media_crosses_the_relay_ports_each_legs_sdp_names(
         hang_up(call)
 
 
+def test_rtcp_is_relayed_on_the_odd_port_next_to_each_rtp_port(
+    main: MediaServer, carrier: Carrier
+) -> None:
+    phone_rtp, phone_rtcp = RtpEndpoint.pair()
+    far_rtp, far_rtcp = RtpEndpoint.pair()
+    with (
+        phone_rtp,
+        phone_rtcp,
+        far_rtp,
+        far_rtcp,
+        SipClient(main.address) as client,
+    ):
+        digits = next_digits()
+        carrier.expect(digits, far_rtp.port)
+        answer = client.invite(digits, make_sdp(phone_rtp.port))
+        assert answer.status == 200, answer.start
+        a = sdp_media(answer.body)
+        b = sdp_media(carrier.wait(digits, lambda c: c.acked).invite.body)
+        main.wait_media_ready(a.port)
+        relay_a_rtcp, relay_b_rtcp = (a.address, a.port + 1), (b.address, b.port + 1)
+        phone_rtp.send(voice(0, ssrc=0x1212), (a.address, a.port))
+        far_rtp.send(voice(0, ssrc=0x2121), (b.address, b.port))
+        assert far_rtp.recv() is not None and phone_rtp.recv() is not None
+        up, down = rtcp_receiver_report(0x1212), rtcp_receiver_report(0x2121)
+        phone_rtcp.send(up, relay_a_rtcp)
+        assert far_rtcp.recv() == (up, relay_b_rtcp)
+        far_rtcp.send(down, relay_b_rtcp)
+        assert phone_rtcp.recv() == (down, relay_a_rtcp)
+        assert client.bye().status == 200
+
+
 # ------------------------------------------------------------------ 2. latching
 
 
@@ -305,6 +337,35 @@ def test_rfc4733_telephone_events_arrive_byte_identical(
             call.far.send(packet, call.relay_b)
         assert [data for data, _ in call.phone.collect(len(down))] == down
         hang_up(call)
+
+
+def _relay_calls(server: MediaServer) -> int:
+    shards, _calls = server.relay_stats()
+    return sum(int(shard["calls"]) for shard in shards)
+
+
+def _wait_relay_calls(server: MediaServer, count: int, wait: float = SIP_WAIT) -> None:
+    deadline = time.monotonic() + wait
+    while (now := _relay_calls(server)) != count:
+        assert time.monotonic() < deadline, f"relay holds {now} calls, expected {count}"
+        time.sleep(0.2)
+
+
+def test_a_cancelled_call_gives_its_relay_ports_back(main: MediaServer, carrier: Carrier) -> None:
+    before = _relay_calls(main)
+    with SipClient(main.address) as client, RtpEndpoint() as phone:
+        digits = next_digits()
+        carrier.expect(digits, phone.port, answer=False)
+        client.send_invite(digits, make_sdp(phone.port))
+        # The carrier rings: by now the relay holds the call's ports.
+        carrier.wait(digits, lambda c: True)
+        assert _relay_calls(main) == before + 1
+        cancelled, invite_final = client.cancel()
+        assert (cancelled.status, invite_final.status) == (200, 487)
+        carrier.wait(digits, lambda c: c.cancelled)
+        _wait_relay_calls(main, before)
+        record = main.record(client.call_id)
+    assert record["ended_by"] == "cancel" and record["final_status"] == 487, record
 
 
 # ------------------------------------------------------------------ 8. records
@@ -393,9 +454,13 @@ def test_a_call_without_media_is_ended_on_both_legs_after_the_media_timeout(
         assert bye.call_id == call.call_id
         carrier.wait(call.digits, lambda c: c.bye is not None, wait=SIP_WAIT)
         assert ended_after >= MEDIA_TIMEOUT - 0.2, ended_after  # not before the timeout
-        record = timeout_server.record(call.call_id)
+        record = timeout_server.record(call.call_id, media=True)
     assert record["ended_by"] == "media-timeout", record
     assert record["final_status"] == 200, record
+    a_media, b_media = record["a_media"], record["b_media"]
+    assert isinstance(a_media, dict) and isinstance(b_media, dict), record
+    assert a_media["packets_in"] == seq and b_media["packets_out"] == seq, record
+    assert b_media["packets_in"] == 0, record
 
 
 # ------------------------------------------------------------------ 7. exhaustion
@@ -432,6 +497,7 @@ def test_port_exhaustion_answers_503_and_the_server_keeps_serving(
         hang_up(third)
     shards, _calls = tiny.relay_stats()
     assert shards[0]["counters"]["allocate-exhausted"] >= 1
+    assert shards[0]["calls"] == 0 and shards[0]["free_pairs"] == 2, shards
 
 
 @pytest.mark.xfail(
@@ -579,3 +645,5 @@ def test_a_killed_shard_restarts_while_the_other_shards_call_loses_nothing(
     assert isinstance(a_media, dict) and isinstance(b_media, dict), record
     assert a_media["packets_in"] == len(up_sent) and a_media["packets_lost"] == 0, a_media
     assert b_media["packets_in"] == len(down_sent) and b_media["packets_lost"] == 0, b_media
+    # Every call of the module is over: the relay holds no allocation.
+    _wait_relay_calls(main, 0)
