@@ -355,7 +355,7 @@ def main() -> int:
     ap.add_argument("--floor-base", type=int, default=26000, help="first port of the floor relay")
     ap.add_argument("--calls", type=int, default=250, help="phase 1 calls")
     ap.add_argument(
-        "--ramp", default="250,400,550,700,850,1000,1150", help="phase 2 calls per step"
+        "--ramp", default="50,100,175,250,400,550,700,850,1000,1150", help="phase 2 calls per step"
     )
     ap.add_argument("--secs", type=float, default=4.0, help="seconds per step")
     ap.add_argument("--tries", type=int, default=2, help="attempts per ramp step (noisy hosts)")
