@@ -6,6 +6,6 @@ satisfy ``sansio_sip.AccountStore`` and ``sansio_sip.MediaRelay``.
 """
 
 from .options import DriverOptions
-from .server import DrivenEngine, Server, serve
+from .server import DrivenEngine, MessageTrace, Server, serve
 
-__all__ = ["DrivenEngine", "DriverOptions", "Server", "serve"]
+__all__ = ["DrivenEngine", "DriverOptions", "MessageTrace", "Server", "serve"]

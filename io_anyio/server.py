@@ -21,12 +21,24 @@ deadline and feed the result back. The loop itself never awaits a back-end:
 performing an action either completes at once (UDP ``sendto``, queueing bytes
 for a TCP writer task, a log line) or starts a task.
 
+Observing (for kx_sipd's metrics, status and SIP traces): an optional
+``MessageTrace`` is told of every datagram and TCP chunk read and every message
+sent, with both addresses and the wall time; an optional ``on_record`` callback
+sees every call record as it is performed. Both run in the loop and must not
+block; an exception from them is counted (``trace_errors``) and never stops the
+server. ``call_in_loop`` lets another thread (the control endpoint) run a
+function in the loop between two engine calls (the engine is not thread-safe):
+the request goes through a lock-free deque and a wake-up socket that a small
+task waits on, so the caller can give up after a timeout if the loop is stuck.
+
 The driver knows no SIP: addresses, connection ids and bytes are all it sees.
 io_socket/server.py is the same loop with blocking sockets; keep the two in step.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -34,9 +46,10 @@ import json
 import math
 import signal
 import socket
+import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple, Protocol, TypeVar, assert_never
@@ -53,6 +66,7 @@ from sansio_sip import (
     Address,
     AllocateMedia,
     CallRecord,
+    CallRecordData,
     CloseConnection,
     Log,
     LookupAccount,
@@ -68,10 +82,11 @@ from sansio_sip import (
 
 from .options import DriverOptions
 
-__all__ = ["DrivenEngine", "Server", "serve"]
+__all__ = ["DrivenEngine", "MessageTrace", "Server", "serve"]
 
 T = TypeVar("T")
 LogSink = Callable[[Log], None]
+RecordSink = Callable[[CallRecordData], None]
 
 # After an engine bug in handle_timer the deadline has not moved; retry it this
 # much later instead of spinning on a deadline that is already past.
@@ -118,6 +133,33 @@ class DrivenEngine(Protocol):
     def idle(self) -> bool: ...
 
 
+class MessageTrace(Protocol):
+    """Told of every SIP datagram or TCP chunk read and every message sent (in the loop:
+    it must not block). ``local`` is our socket's address (("", 0) while a TCP connection
+    we opened is not yet connected); ``connection`` the TCP connection id (None on UDP)."""
+
+    def received(
+        self,
+        data: bytes,
+        *,
+        source: Address,
+        local: Address,
+        transport: Transport,
+        connection: int | None,
+        wall: float,
+    ) -> None: ...
+    def sent(
+        self,
+        data: bytes,
+        *,
+        destination: Address,
+        local: Address,
+        transport: Transport,
+        wall: float,
+    ) -> None: ...
+    def connection_closed(self, connection: int) -> None: ...
+
+
 class _Input(NamedTuple):
     """One thing for the engine: ``feed(now=..., wall=...)``, a name and the bytes (for bug reports)."""
 
@@ -138,6 +180,7 @@ class _Connection:
     outgoing: MemoryObjectReceiveStream[bytes]
     scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
     reason: str = "closed by peer"
+    local: Address = ("", 0)
 
 
 class Server:
@@ -147,7 +190,8 @@ class Server:
     when no media relay is configured: calls then fail with the engine's answer
     to ``media_failed``) reserves media ports. Both may block: they are called in
     worker threads under ``options.store_timeout`` / ``options.relay_timeout``.
-    ``log`` receives the engine's ``Log`` actions and the driver's own events.
+    ``log`` receives the engine's ``Log`` actions and the driver's own events;
+    ``trace`` and ``on_record`` observe messages and call records (module docstring).
     """
 
     def __init__(
@@ -158,12 +202,23 @@ class Server:
         relay: MediaRelay | None,
         options: DriverOptions | None = None,
         log: LogSink | None = None,
+        trace: MessageTrace | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
         self._relay = relay
         self._options = options = options or DriverOptions()
         self._log_sink = log
+        self._trace = trace
+        self._on_record = on_record
+        self._udp_local: dict[socket.socket, Address] = {}
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._loop_thread: int | None = None
+        self._serving = False
         self._inputs_in, self._inputs = anyio.create_memory_object_stream[_Input](
             options.input_queue
         )
@@ -191,9 +246,12 @@ class Server:
     ) -> None:
         """Bind, serve until ``shutdown()`` (or SIGINT/SIGTERM) has run its course, close."""
         await self._bind()
+        self._loop_thread = threading.get_ident()
+        self._serving = True
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
+                tasks.start_soon(self._answer_calls)
                 for sock in self._udp:
                     tasks.start_soon(self._receive_udp, sock)
                 for listener in self._listeners:
@@ -206,7 +264,9 @@ class Server:
                 self._note("info", "driver.listening", addresses=_format(self.addresses))
                 task_status.started(self.addresses)
         finally:
-            for sock in self._udp:
+            self._serving = False
+            self._run_calls()  # a call that raced the end gets an answer, not a timeout
+            for sock in (*self._udp, self._wake_in, self._wake_out):
                 sock.close()
             for listener in self._listeners:
                 await anyio.aclose_forcefully(listener)
@@ -228,6 +288,45 @@ class Server:
         figures["tcp_connections"] = len(self._connections)
         figures["records_pending"] = self._records_pending
         return figures
+
+    def call_in_loop(self, func: Callable[[], T], *, timeout: float) -> T:
+        """Run ``func`` in the loop, between two engine calls, and return its result (or
+        raise its exception). Thread-safe: how another thread reads or changes the engine,
+        which is not. Raises TimeoutError when the loop has not run it within ``timeout``
+        seconds (it is then never run), RuntimeError when the server is not serving."""
+        if threading.get_ident() == self._loop_thread:
+            return func()
+        if not self._serving:
+            raise RuntimeError("the server is not serving")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.append((func, future))
+        with contextlib.suppress(OSError):  # full: a wake-up is already pending
+            self._wake_in.send(b"c")
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise TimeoutError(f"the driver loop did not answer within {timeout} s") from None
+            return future.result()  # it started meanwhile: it is quick, take its answer
+
+    async def _answer_calls(self) -> None:
+        while True:
+            await anyio.wait_readable(self._wake_out)
+            with contextlib.suppress(BlockingIOError):
+                self._wake_out.recv(4096)
+            self._run_calls()
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            func, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = func()
+            except Exception as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     async def _shut_down(self) -> None:
         options = self._options
@@ -345,6 +444,8 @@ class Server:
                 case ReleaseMedia():
                     self._start(self._release_media, action)
                 case CallRecord():
+                    if self._on_record is not None:
+                        self._traced(self._on_record, action.record)
                     # Durability: what follows a record in the same list (typically the
                     # answer to a BYE) is performed only once the store has the record.
                     self._start(self._write_record, action, actions[index + 1 :])
@@ -376,6 +477,16 @@ class Server:
                     continue
                 self._counters["udp_received"] += 1
                 peer = (source[0], source[1])
+                if self._trace is not None:
+                    self._traced(
+                        self._trace.received,
+                        data,
+                        source=peer,
+                        local=self._udp_local[sock],
+                        transport=Transport.UDP,
+                        connection=None,
+                        wall=time.time(),
+                    )
                 feed = partial(engine.receive, data, source=peer, transport=Transport.UDP)
                 try:
                     self._inputs_in.send_nowait(_Input(feed, "udp", data))
@@ -399,6 +510,15 @@ class Server:
             self._transport_failed(action, repr(exc))
             return
         self._counters["udp_sent"] += 1
+        if self._trace is not None:
+            self._traced(
+                self._trace.sent,
+                action.data,
+                destination=action.destination,
+                local=self._udp_local[sock],
+                transport=Transport.UDP,
+                wall=time.time(),
+            )
 
     # -- TCP ---------------------------------------------------------------------------------
 
@@ -454,6 +574,8 @@ class Server:
 
     async def _run_connection(self, conn: _Connection, stream: anyio.abc.SocketStream) -> None:
         """Read into the engine and write what it queues, until either side ends it."""
+        with contextlib.suppress(OSError):
+            conn.local = _address(stream.extra(anyio.abc.SocketAttribute.local_address))
         try:
             with conn.scope:
                 async with stream, anyio.create_task_group() as tasks:
@@ -480,6 +602,16 @@ class Server:
             if idle.cancelled_caught:
                 self._counters["tcp_closed_idle"] += 1
                 return "idle"
+            if self._trace is not None:
+                self._traced(
+                    self._trace.received,
+                    chunk,
+                    source=conn.peer,
+                    local=conn.local,
+                    transport=Transport.TCP,
+                    connection=conn.ident,
+                    wall=time.time(),
+                )
             feed = partial(
                 engine.receive,
                 chunk,
@@ -524,6 +656,15 @@ class Server:
             self._dropped("tcp_send_no_connection", "tcp.connection_gone", action.destination)
             return
         self._counters["tcp_sent"] += 1
+        if self._trace is not None:
+            self._traced(
+                self._trace.sent,
+                action.data,
+                destination=conn.peer,
+                local=conn.local,
+                transport=Transport.TCP,
+                wall=time.time(),
+            )
 
     def _close_connection(self, ident: int, reason: str) -> None:
         """Close once what is queued has been written (the answer that explains the close),
@@ -556,6 +697,8 @@ class Server:
             if self._per_ip[conn.peer[0]] <= 0:
                 del self._per_ip[conn.peer[0]]
         conn.outgoing_in.close()
+        if self._trace is not None:
+            self._traced(self._trace.connection_closed, conn.ident)
 
     # -- performing --------------------------------------------------------------------------
 
@@ -742,6 +885,15 @@ class Server:
         if self._log_sink is not None:
             self._log_sink(Log(level=level, event=event, fields=tuple(fields.items())))
 
+    def _traced(self, hook: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Call an observer; its failure is counted and logged once, never fatal."""
+        try:
+            hook(*args, **kwargs)
+        except Exception as exc:
+            self._counters["trace_errors"] += 1
+            if self._counters["trace_errors"] == 1:
+                self._note("error", "trace.failed", error=repr(exc))
+
     def _dropped(self, counter: str, event: str, peer: Address) -> None:
         """Count a drop; log the first and then every 1,000th, so a flood cannot flood the log."""
         self._counters[counter] += 1
@@ -770,6 +922,7 @@ class Server:
             # Datagrams leave from the first listen address of their family (see docs).
             self._udp_by_family.setdefault(udp.family, udp)
             self._udp.append(udp)
+            self._udp_local[udp] = _address(udp.getsockname())
             self._listeners.extend(
                 each for each in listener.listeners if isinstance(each, anyio.abc.SocketListener)
             )
@@ -824,10 +977,29 @@ def serve(
     options: DriverOptions | None = None,
     log: LogSink | None = None,
     backend: str = "asyncio",
+    trace: MessageTrace | None = None,
+    on_record: RecordSink | None = None,
+    started: Callable[[Server], None] | None = None,
 ) -> None:
-    """Run a ``Server`` until signalled (blocking): asyncio (with uvloop when installed) or trio."""
+    """Run a ``Server`` until signalled (blocking): asyncio (with uvloop when installed) or trio.
+    ``started`` is called (in the loop) with the server once its sockets listen."""
     backend_options: dict[str, Any] = {}
     if backend == "asyncio" and importlib.util.find_spec("uvloop") is not None:
         backend_options["use_uvloop"] = True
-    server = Server(engine, store=store, relay=relay, options=options, log=log)
-    anyio.run(server.serve, backend=backend, backend_options=backend_options)
+    server = Server(
+        engine,
+        store=store,
+        relay=relay,
+        options=options,
+        log=log,
+        trace=trace,
+        on_record=on_record,
+    )
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(server.serve)
+            if started is not None:
+                started(server)
+
+    anyio.run(run, backend=backend, backend_options=backend_options)

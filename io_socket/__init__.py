@@ -6,6 +6,6 @@ called inline (see server.py for the trade-off).
 """
 
 from .options import DriverOptions
-from .server import DrivenEngine, Server, serve
+from .server import DrivenEngine, MessageTrace, Server, serve
 
-__all__ = ["DrivenEngine", "DriverOptions", "Server", "serve"]
+__all__ = ["DrivenEngine", "DriverOptions", "MessageTrace", "Server", "serve"]

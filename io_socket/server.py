@@ -24,11 +24,20 @@ the loop to stay responsive whatever the store does runs io_anyio, which calls
 them in worker threads under a deadline. A failed record write does not block
 the loop either way: it and the actions after it wait in a retry list.
 
+Observing (as in io_anyio): an optional ``MessageTrace`` is told of every
+datagram and TCP chunk read and every message sent, an optional ``on_record``
+callback sees every call record as it is performed; both run in the loop, must
+not block, and their failures are counted (``trace_errors``), never fatal.
+``call_in_loop`` lets another thread (the control endpoint) run a function in
+the loop between two engine calls: the request goes through a deque and the
+same wake-up socket ``shutdown`` uses, and the caller gives up after a timeout.
+
 The driver knows no SIP: addresses, connection ids and bytes are all it sees.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -45,7 +54,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from types import FrameType
-from typing import Any, NamedTuple, Protocol, assert_never
+from typing import Any, NamedTuple, Protocol, TypeVar, assert_never
 
 import attrs
 
@@ -56,6 +65,7 @@ from sansio_sip import (
     Address,
     AllocateMedia,
     CallRecord,
+    CallRecordData,
     CloseConnection,
     Log,
     LookupAccount,
@@ -71,9 +81,11 @@ from sansio_sip import (
 
 from .options import DriverOptions
 
-__all__ = ["DrivenEngine", "Server", "serve"]
+__all__ = ["DrivenEngine", "MessageTrace", "Server", "serve"]
 
+T = TypeVar("T")
 LogSink = Callable[[Log], None]
+RecordSink = Callable[[CallRecordData], None]
 
 _TIMER_BUG_BACKOFF = 0.1  # see io_anyio: an engine bug must not make the loop spin
 _CLOSE_FLUSH = 2.0  # a connection the engine closes gets this long to write what was queued
@@ -119,6 +131,33 @@ class DrivenEngine(Protocol):
     def idle(self) -> bool: ...
 
 
+class MessageTrace(Protocol):
+    """Told of every SIP datagram or TCP chunk read and every message sent (in the loop:
+    it must not block). ``local`` is our socket's address (("", 0) when unknown);
+    ``connection`` the TCP connection id (None on UDP)."""
+
+    def received(
+        self,
+        data: bytes,
+        *,
+        source: Address,
+        local: Address,
+        transport: Transport,
+        connection: int | None,
+        wall: float,
+    ) -> None: ...
+    def sent(
+        self,
+        data: bytes,
+        *,
+        destination: Address,
+        local: Address,
+        transport: Transport,
+        wall: float,
+    ) -> None: ...
+    def connection_closed(self, connection: int) -> None: ...
+
+
 class _Input(NamedTuple):
     """One thing for the engine: ``feed(now=..., wall=...)``, a name and the bytes (for bug reports)."""
 
@@ -142,6 +181,7 @@ class _Connection:
     closing: bool = False
     reason: str = "closed by peer"
     interest: int = selectors.EVENT_READ
+    local: Address = ("", 0)
 
 
 @attrs.define(eq=False)
@@ -162,8 +202,10 @@ class Server:
 
     ``store`` and ``relay`` (None: no media relay, calls fail with the engine's
     answer to ``media_failed``) are called inline. ``log`` receives the
-    engine's ``Log`` actions and the driver's own events. ``serve()`` blocks;
-    ``shutdown()`` may be called from any thread or a signal handler.
+    engine's ``Log`` actions and the driver's own events; ``trace`` and
+    ``on_record`` observe messages and call records (module docstring).
+    ``serve()`` blocks; ``shutdown()`` and ``call_in_loop()`` may be called from
+    any thread (``shutdown`` also from a signal handler).
     """
 
     def __init__(
@@ -174,14 +216,23 @@ class Server:
         relay: MediaRelay | None,
         options: DriverOptions | None = None,
         log: LogSink | None = None,
+        trace: MessageTrace | None = None,
+        on_record: RecordSink | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
         self._relay = relay
         self._options = options or DriverOptions()
         self._log_sink = log
+        self._trace = trace
+        self._on_record = on_record
+        self._udp_local: dict[socket.socket, Address] = {}
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._loop_thread: int | None = None
+        self._serving = False
         self._selector = selectors.DefaultSelector()
         self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)  # a full pair means a wake-up is pending
         self._pending: deque[_Input] = deque()
         self._retries: list[_Retry] = []
         self._udp: list[socket.socket] = []
@@ -209,6 +260,8 @@ class Server:
         ``started`` is called with the bound addresses once the sockets listen."""
         self._bind()
         previous = self._install_signals()
+        self._loop_thread = threading.get_ident()
+        self._serving = True
         try:
             for sock in (self._wake_out, *self._udp, *self._listeners):
                 sock.setblocking(False)
@@ -226,6 +279,8 @@ class Server:
                 started(list(self.addresses))
             self._run()
         finally:
+            self._serving = False
+            self._run_calls()  # a call that raced the end gets an answer, not a timeout
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for conn in list(self._connections.values()):
@@ -249,6 +304,38 @@ class Server:
         figures["records_pending"] = sum(1 for retry in self._retries if retry.record)
         return figures
 
+    def call_in_loop(self, func: Callable[[], T], *, timeout: float) -> T:
+        """Run ``func`` in the loop, between two engine calls, and return its result (or
+        raise its exception). Thread-safe: how another thread reads or changes the engine,
+        which is not. Raises TimeoutError when the loop has not run it within ``timeout``
+        seconds (it is then never run), RuntimeError when the server is not serving."""
+        if threading.get_ident() == self._loop_thread:
+            return func()
+        if not self._serving:
+            raise RuntimeError("the server is not serving")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.append((func, future))
+        with contextlib.suppress(OSError):  # full: a wake-up is already pending
+            self._wake_in.send(b"c")
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise TimeoutError(f"the driver loop did not answer within {timeout} s") from None
+            return future.result()  # it started meanwhile: it is quick, take its answer
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            func, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = func()
+            except Exception as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
     def _install_signals(self) -> dict[int, Any]:
         if (
             not self._options.handle_signals
@@ -266,7 +353,8 @@ class Server:
 
     def _on_wake(self, _mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
-            self._wake_out.recv(64)
+            self._wake_out.recv(4096)
+        self._run_calls()
         while self._signals:
             self._note("info", "server.signal", signal=signal.Signals(self._signals.pop(0)).name)
         if self._shutdown_requests and self._phase == "serving":
@@ -393,6 +481,8 @@ class Server:
                 case ReleaseMedia():
                     self._release_media(action)
                 case CallRecord():
+                    if self._on_record is not None:
+                        self._traced(self._on_record, action.record)
                     # Durability: what follows a record in the same list (typically the
                     # answer to a BYE) is performed only once the store has the record.
                     write = partial(self._store.write_call_record, action.record)
@@ -431,6 +521,16 @@ class Server:
                 continue
             self._counters["udp_received"] += 1
             peer = (source[0], source[1])
+            if self._trace is not None:
+                self._traced(
+                    self._trace.received,
+                    data,
+                    source=peer,
+                    local=self._udp_local[sock],
+                    transport=Transport.UDP,
+                    connection=None,
+                    wall=time.time(),
+                )
             feed = partial(engine.receive, data, source=peer, transport=Transport.UDP)
             self._handle(_Input(feed, "udp", data))
 
@@ -451,6 +551,15 @@ class Server:
             self._transport_failed(action, repr(exc))
             return
         self._counters["udp_sent"] += 1
+        if self._trace is not None:
+            self._traced(
+                self._trace.sent,
+                action.data,
+                destination=action.destination,
+                local=self._udp_local[sock],
+                transport=Transport.UDP,
+                wall=time.time(),
+            )
 
     # -- TCP ---------------------------------------------------------------------------------
 
@@ -526,6 +635,16 @@ class Server:
                 self._close(conn, "closed by peer")
                 return
             conn.last_read = time.monotonic()
+            if self._trace is not None:
+                self._traced(
+                    self._trace.received,
+                    chunk,
+                    source=conn.peer,
+                    local=conn.local,
+                    transport=Transport.TCP,
+                    connection=conn.ident,
+                    wall=time.time(),
+                )
             feed = partial(
                 self._engine.receive,
                 chunk,
@@ -563,6 +682,15 @@ class Server:
             self._close(conn, "peer not reading")
             return
         self._counters["tcp_sent"] += 1
+        if self._trace is not None:
+            self._traced(
+                self._trace.sent,
+                action.data,
+                destination=conn.peer,
+                local=conn.local,
+                transport=Transport.TCP,
+                wall=time.time(),
+            )
         if not conn.connecting:
             self._flush(conn)
 
@@ -641,6 +769,8 @@ class Server:
         self, peer: Address, sock: socket.socket, *, accepted: bool, connecting: bool = False
     ) -> _Connection:
         conn = _Connection(self._next_ident, peer, accepted, sock, connecting=connecting)
+        with contextlib.suppress(OSError):  # bound on accept, and by connect_ex
+            conn.local = _address(sock.getsockname())
         conn.interest = selectors.EVENT_WRITE if connecting else selectors.EVENT_READ
         self._next_ident += 1
         self._connections[conn.ident] = conn
@@ -662,6 +792,8 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
+        if self._trace is not None:
+            self._traced(self._trace.connection_closed, conn.ident)
 
     # -- performing --------------------------------------------------------------------------
 
@@ -809,6 +941,15 @@ class Server:
         if self._log_sink is not None:
             self._log_sink(Log(level=level, event=event, fields=tuple(fields.items())))
 
+    def _traced(self, hook: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Call an observer; its failure is counted and logged once, never fatal."""
+        try:
+            hook(*args, **kwargs)
+        except Exception as exc:
+            self._counters["trace_errors"] += 1
+            if self._counters["trace_errors"] == 1:
+                self._note("error", "trace.failed", error=repr(exc))
+
     def _dropped(self, counter: str, event: str, peer: Address) -> None:
         """Count a drop; log the first and then every 1,000th, so a flood cannot flood the log."""
         self._counters[counter] += 1
@@ -837,6 +978,7 @@ class Server:
             # Datagrams leave from the first listen address of their family (see docs).
             self._udp_by_family.setdefault(udp.family, udp)
             self._udp.append(udp)
+            self._udp_local[udp] = _address(udp.getsockname())
             self._listeners.append(listener)
             self.addresses.append((host, bound))
 
@@ -897,6 +1039,19 @@ def serve(
     relay: MediaRelay | None,
     options: DriverOptions | None = None,
     log: LogSink | None = None,
+    trace: MessageTrace | None = None,
+    on_record: RecordSink | None = None,
+    started: Callable[[Server], None] | None = None,
 ) -> None:
-    """Run a ``Server`` until signalled (blocking)."""
-    Server(engine, store=store, relay=relay, options=options, log=log).serve()
+    """Run a ``Server`` until signalled (blocking). ``started`` is called (in the loop's
+    thread) with the server once its sockets listen."""
+    server = Server(
+        engine,
+        store=store,
+        relay=relay,
+        options=options,
+        log=log,
+        trace=trace,
+        on_record=on_record,
+    )
+    server.serve(started=None if started is None else lambda _addresses: started(server))
