@@ -310,6 +310,7 @@ class Shard:
             "pid": os.getpid(),
             "restarts": self.restarts,
             "uptime": round(now - self.started, 3),
+            "cpu_s": round(sum(os.times()[:2]), 3),
             "calls": len(self.calls),
             "timed_out": sum(1 for c, _s in self.calls.values() if c.timed_out is not None),
             "rtp": self.table[self.index]["rtp"],
