@@ -7,6 +7,8 @@ if command -v apt-get >/dev/null 2>&1; then
   need=()
   command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
   command -v sipsak >/dev/null 2>&1 || need+=(sipsak)
+  command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
+  command -v linphonec >/dev/null 2>&1 || need+=(linphone-cli)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
