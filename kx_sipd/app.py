@@ -8,6 +8,13 @@ through the database), starts the local RTP relay unless a remote one is
 named, and hands everything to the chosen driver until SIGINT/SIGTERM. What a
 driver does with them is the driver's business (DESIGN.md §3); this module
 holds no SIP and no I/O loop of its own.
+
+Operations (docs/operations.md): the metrics (kx_sipd/metrics.py) observe the
+driver's call records and time its store calls through a wrapper; the HTTP
+control endpoint (kx_sipd/control.py: /metrics, /healthz, /status, /bans)
+listens on ``--metrics`` or, by default, 127.0.0.1:9061 (an explicit address
+that cannot be bound stops the server; the default one only logs a warning);
+``--hep`` streams every SIP message to a HEP v3 collector (kx_sipd/trace.py).
 """
 
 from __future__ import annotations
@@ -15,12 +22,17 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from sansio_sip import AccountStore, Engine, EngineConfig, MediaRelay, StoreUnavailable
+from sansio_sip import AccountStore, Address, Engine, EngineConfig, MediaRelay, StoreUnavailable
 
+from . import __version__
+from .control import DEFAULT_CONTROL, STORE_PROBE_USER, ControlEndpoint
 from .logging import JsonLogger
+from .metrics import RelayMonitor, ServerMetrics
 from .settings import ServerSettings, format_address
+from .trace import HepTrace
 
 if TYPE_CHECKING:
     from rtp_relay import LocalRelay
@@ -59,10 +71,13 @@ def run_server(settings: ServerSettings) -> None:
             **settings.engine_limits(),
         )
         relay: MediaRelay
+        monitor: RelayMonitor
         if settings.relay is not None:
             assert settings.relay_secret is not None  # the settings refuse --relay without it
             relay = RelayClient(settings.relay, settings.relay_secret.encode())
             relay_at = format_address(settings.relay)
+            remote, secret = settings.relay, settings.relay_secret.encode()
+            monitor = RelayMonitor(lambda: RelayClient(remote, secret, timeout=0.25, retries=1))
         else:
             try:
                 local_relay = _start_local_relay(settings)
@@ -70,6 +85,7 @@ def run_server(settings: ServerSettings) -> None:
                 _fail(log, "relay.failed", str(exc))
             relay = local_relay.client()
             relay_at = format_address(local_relay.control)
+            monitor = RelayMonitor(partial(local_relay.client, timeout=0.25, retries=1))
         engine = Engine(config, entropy=os.urandom)
         if settings.demo:
             print(demo_banner(settings, store.realm), flush=True)
@@ -86,7 +102,7 @@ def run_server(settings: ServerSettings) -> None:
             database=store.path,
             pid=os.getpid(),
         )
-        _run_driver(settings, engine, store, relay, log)
+        _run_driver(settings, engine, store, relay, log, monitor)
         log.log("info", "server.exited", **engine.stats())
     finally:
         if local_relay is not None:
@@ -100,7 +116,60 @@ def _run_driver(
     store: AccountStore,
     relay: MediaRelay,
     log: JsonLogger,
+    monitor: RelayMonitor,
 ) -> None:
+    metrics = ServerMetrics(driver=settings.driver, version=__version__)
+    metrics.attach(relay=monitor)
+    explicit = settings.metrics is not None
+    endpoint = ControlEndpoint(
+        settings.metrics or DEFAULT_CONTROL,
+        metrics=metrics,
+        store_check=partial(store.get_account, STORE_PROBE_USER),
+        info={
+            "version": __version__,
+            "driver": settings.driver,
+            "backend": settings.backend if settings.driver == "anyio" else None,
+            "listen": [format_address(address) for address in settings.listen],
+            "sip_address": format_address(settings.advertised_sip_address),
+        },
+        log=log.log,
+    )
+    try:
+        control_at = endpoint.start()
+    except OSError as exc:
+        where = format_address(endpoint.requested)
+        if explicit:
+            _fail(log, "control.failed", f"cannot listen on --metrics {where}: {exc.strerror}")
+        log.log("warning", "control.unavailable", address=where, error=str(exc))
+    else:
+        log.log("info", "control.listening", address=format_address(control_at))
+    hep_at: Address | None = getattr(settings, "hep", None)
+    hep = None
+    if hep_at is not None:
+        hep = HepTrace(
+            hep_at,
+            agent_id=int(getattr(settings, "hep_agent_id", 2001)),
+            ours=settings.advertised_sip_address,
+        )
+        log.log("info", "hep.sending", collector=format_address(hep_at), agent_id=hep.agent_id)
+    observed: dict[str, Any] = {
+        "store": metrics.timed(store),
+        "relay": relay,
+        "log": log,
+        "trace": hep,
+        "on_record": metrics.observe_record,
+        "started": lambda server: endpoint.attach(engine=engine, server=server),
+    }
+    try:
+        _serve(settings, engine, observed)
+    finally:
+        endpoint.stop()
+        if hep is not None:
+            hep.close()
+            log.log("info", "hep.stopped", **hep.counters)
+
+
+def _serve(settings: ServerSettings, engine: Engine, observed: dict[str, Any]) -> None:
     shared: dict[str, Any] = {
         "listen": settings.listen,
         "store_timeout": settings.store_timeout,
@@ -112,19 +181,15 @@ def _run_driver(
     if settings.driver == "socket":
         import io_socket
 
-        io_socket.serve(
-            engine, store=store, relay=relay, options=io_socket.DriverOptions(**shared), log=log
-        )
+        io_socket.serve(engine, options=io_socket.DriverOptions(**shared), **observed)
     else:
         import io_anyio
 
         io_anyio.serve(
             engine,
-            store=store,
-            relay=relay,
             options=io_anyio.DriverOptions(**shared),
-            log=log,
             backend=settings.backend,
+            **observed,
         )
 
 
