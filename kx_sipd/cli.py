@@ -38,6 +38,7 @@ from ._cli_common import (
     table,
     utc,
 )
+from ._cli_ops import bans, calls_pcap, status
 from ._cli_serve import prepare_demo, serve
 from .relay_cli import relay
 from .settings import (
@@ -473,6 +474,9 @@ def routes_list(as_json: bool, db: str) -> None:
 main.add_command(calls)
 main.add_command(serve)
 main.add_command(relay)
+main.add_command(status)
+main.add_command(bans)
+calls.add_command(calls_pcap)
 
 
 # -- reference documentation -------------------------------------------------
