@@ -42,7 +42,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from sansio_sip import Address
 
@@ -63,6 +62,9 @@ MAX_REQUESTS = 16
 LOOP_TIMEOUT = 1.0  # a healthy loop answers in well under a millisecond
 PROBE_MAX_AGE = 1.0  # one store probe per second at most, however often /healthz is asked
 STORE_PROBE_USER = "\x00kx-health-probe"  # no account can have this name
+# The classic text format generate_latest writes for our (legacy-charset) names; newer
+# prometheus-client releases announce version=1.0.0, which Prometheus 2.x does not know.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _SOCKET_TIMEOUT = 5.0
 _MAX_BODY = 4096
 
@@ -328,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         try:
             if path == "/metrics" and method == "GET":
-                self._reply(200, endpoint.metrics.render(), CONTENT_TYPE_LATEST)
+                self._reply(200, endpoint.metrics.render(), METRICS_CONTENT_TYPE)
             elif path == "/healthz" and method == "GET":
                 ok, body = endpoint.health()
                 self._json(200 if ok else 503, body)
