@@ -53,8 +53,8 @@ PASSWORD = "alice-Media-Secret-1"
 RELAY_SECRET = "media-e2e-relay-secret-0123456789"
 START_WAIT = 40.0
 CLI_WAIT = 60.0
-SIP_WAIT = 5.0
-RTP_WAIT = 2.0
+SIP_WAIT = 10.0
+RTP_WAIT = 3.0
 
 _COMPACT = {
     "v": "via",
@@ -87,10 +87,17 @@ def free_port(*, tcp_too: bool = False) -> int:
     raise RuntimeError("no free loopback port")
 
 
+RTP_PORTS = (61000, 65400)
+"""Where the servers' RTP ranges are taken from: above Linux's ephemeral range
+(32768-60999), so no socket bound to port 0 lands in them, and away from the
+ranges the other suites and bench/relay.py use (10000-32000), whose relays and
+load generators would otherwise hold or spray our ports while both run."""
+
+
 def free_rtp_range(ports: int) -> tuple[int, int]:
-    """``ports`` consecutive free UDP ports starting even, below the ephemeral range."""
+    """``ports`` consecutive free UDP ports starting even, inside ``RTP_PORTS``."""
     for _ in range(200):
-        low = random.randrange(22000, 32000 - ports, 2)
+        low = random.randrange(RTP_PORTS[0], RTP_PORTS[1] - ports, 2)
         probes: list[socket.socket] = []
         try:
             for port in range(low, low + ports):
