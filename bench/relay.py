@@ -315,6 +315,10 @@ def show(result: dict[str, Any]) -> None:
     print("  ".join(f"{result.get(c)!s:>13}" for c in COLUMNS), flush=True)
 
 
+KX_AT: dict[int, dict[str, Any]] = {}
+"""kx results held during the ramp, by number of calls (for same-N comparisons)."""
+
+
 def ramp_up(make: Any, ramp: list[int], args: argparse.Namespace) -> dict[str, Any] | None:
     """Steps of growing N; a step is held when one of ``--tries`` attempts holds.
     Stops at the first step not held. ``make(calls)`` gives a relay for a step
@@ -331,6 +335,8 @@ def ramp_up(make: Any, ramp: list[int], args: argparse.Namespace) -> dict[str, A
                     relay.close()
             show(result)
             record(args, result)
+            if result["mode"] == "kx" and held(result):
+                KX_AT[calls] = result
             if held(result):
                 ok = True
                 break
@@ -436,6 +442,14 @@ def main() -> int:
         if best_kx and best_floor:
             ratio = best_kx["delivered_pps"] / best_floor["delivered_pps"]
             summary.append(f"ratio kx/floor, highest packets/s held: {ratio:.2f}x")
+            if best_kx["calls"] >= best_floor["calls"]:
+                same = KX_AT.get(best_floor["calls"])
+                if same and same["relay_us_per_pkt"]:
+                    summary.append(
+                        f"CPU per relayed packet at {best_floor['calls']} calls: floor "
+                        f"{best_floor['relay_us_per_pkt']} us / kx {same['relay_us_per_pkt']} us = "
+                        f"{best_floor['relay_us_per_pkt'] / same['relay_us_per_pkt']:.2f}x"
+                    )
 
     print("\n# summary")
     for line in summary:
