@@ -13,6 +13,7 @@ from . import (
     _errors,
     _events,
     _framing,
+    _guard,
     _headers,
     _message,
     _model,
@@ -29,6 +30,7 @@ from ._engine import *  # noqa: F403
 from ._errors import *  # noqa: F403
 from ._events import *  # noqa: F403
 from ._framing import *  # noqa: F403
+from ._guard import *  # noqa: F403
 from ._headers import *  # noqa: F403
 from ._message import *  # noqa: F403
 from ._model import *  # noqa: F403
@@ -52,6 +54,7 @@ __all__ = [
     *_uri.__all__,
     *_events.__all__,
     *_framing.__all__,
+    *_guard.__all__,
     *_timers.__all__,
     *_transaction.__all__,
 ]

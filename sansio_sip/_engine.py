@@ -218,7 +218,10 @@ class Engine:
         pending = self._pending.pop(token, None)
         if pending is None:
             return out
-        self._authenticated(pending, account, now, wall, out)
+        try:
+            self._authenticated(pending, account, now, wall, out)
+        except RemoteProtocolError as error:
+            self._answer_error(pending.transaction, pending.request, error, now, wall, out)
         return out
 
     def account_unavailable(self, token: int, *, now: float, wall: float) -> list[Action]:
@@ -480,6 +483,52 @@ class Engine:
             self._counters["overload_rejected"] += 1
             self._parse_failed(bytes(request), error, source, transport, connection, out)
             return
+        try:
+            self._on_new_request(
+                transaction, request, source, transport, connection, now, wall, out
+            )
+        except RemoteProtocolError as error:
+            # A header parsed lazily after the transaction exists was malformed:
+            # answer through the transaction, so Timer J (not a leak) ends it.
+            self._answer_error(transaction, request, error, now, wall, out)
+
+    def _answer_error(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        error: RemoteProtocolError,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        self._counters["rejected_malformed"] += 1
+        if context_of(transaction).final:
+            return
+        self._respond(
+            transaction,
+            request,
+            error.status_code or 400,
+            error.reason,
+            now,
+            wall,
+            out,
+            headers=error.headers,
+        )
+
+    def _on_new_request(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        """A request that started a new server transaction: check it, then
+        hand it to OPTIONS, REGISTER, authentication or the dialog it belongs to."""
+        method = request.method
         status = self._check_request(request)
         if status is not None:
             code, reason, headers = status

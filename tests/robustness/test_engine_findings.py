@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from sansio_sip import Engine, EngineConfig, Send, Transport, parse_message
 
 SOURCE = ("198.51.100.7", 40000)
@@ -45,10 +43,6 @@ def _statuses(actions: list[object]) -> list[int]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a RemoteProtocolError raised after create_server (lazy To/URI parse in _check_request) is answered statelessly and the server transaction leaks (requests-hardening.md #1)",
-)
 def test_a_request_rejected_after_its_transaction_exists_does_not_leak_it() -> None:
     """Found by fuzz/fuzz_engine.py (drain check): the 400 for a malformed
     To URI is sent statelessly after the server transaction was created, so
@@ -69,10 +63,6 @@ def test_a_request_rejected_after_its_transaction_exists_does_not_leak_it() -> N
     assert engine.stats()["transactions"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a RemoteProtocolError raised after create_server (lazy To/URI parse in _check_request) is answered statelessly and the server transaction leaks (requests-hardening.md #1)",
-)
 def test_malformed_requests_cannot_fill_the_transaction_table() -> None:
     """The consequence of the leak above: an attacker sending max_transactions
     such requests makes the server answer 503 to everyone, for ever."""
