@@ -124,7 +124,8 @@ def _run_driver(
     endpoint = ControlEndpoint(
         settings.metrics or DEFAULT_CONTROL,
         metrics=metrics,
-        store_check=partial(store.get_account, STORE_PROBE_USER),
+        # The operator's uncached look-up: the driver's path may answer from its cache.
+        store_check=partial(getattr(store, "account_info", store.get_account), STORE_PROBE_USER),
         info={
             "version": __version__,
             "driver": settings.driver,
