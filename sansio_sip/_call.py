@@ -232,21 +232,22 @@ class CallManager:
         if rejection is not None or offer is None or original is None:
             code, reason, headers = rejection or (488, "Not Acceptable Here", ())
             self._counters[f"calls.rejected.{code}"] += 1
-            self._dispatch(
-                self._responder.respond(
-                    transaction, request, code, reason, now=now, headers=headers
-                ),
-                None,
-                now,
-                wall,
-                out,
-            )
+            # Support needs the ladder of exactly these calls (guide §10).
+            ladder = [_entry("in", "A", source, transport, bytes(request), wall)]
+            for item in self._responder.respond(
+                transaction, request, code, reason, now=now, headers=headers
+            ):
+                if isinstance(item, Send):
+                    ladder.append(_entry("out", "A", item.destination, transport, item.data, wall))
+                if isinstance(item, (Send, Log)):
+                    out.append(item)
             final = attrs.evolve(
                 record,
                 end_wall=wall,
                 final_status=code,
                 ended_by="rejected",
                 reason=reason,
+                ladder=tuple(ladder),
             )
             out.append(CallRecord(record=final))
             return
@@ -1045,9 +1046,10 @@ class CallManager:
             for leg in (call.a, call.b):
                 if leg is not None and leg is not skip and leg.remote_tag is not None:
                     self._bye(call, leg, now, wall, out)
-        elif call.b_invite is not None:
-            # §9.1: a CANCEL only after a provisional response; without one it
-            # goes out with the first, or a 2xx gets ACK and BYE, or Timer B ends it.
+        elif call.b_invite is not None and (call.b_invite.last_status or 0) < 200:
+            # §9.1: a CANCEL only for an INVITE with no final answer yet, and
+            # only after a provisional one; without one it goes out with the
+            # first, or a 2xx gets ACK and BYE, or Timer B ends it.
             call.cancelled = True
             if call.provisional_seen:
                 self._send_cancel(call, now, wall, out)
@@ -1265,15 +1267,19 @@ class CallManager:
         data: bytes,
         wall: float,
     ) -> None:
-        if len(call.ladder) >= self._config.ladder_limit:
-            return
-        call.ladder.append(
-            LadderEntry(
-                wall=wall,
-                direction=direction,
-                leg=leg,
-                peer=format_address(peer),
-                transport=transport.value,
-                message=data[:4096].decode("utf-8", "replace"),
-            )
-        )
+        if len(call.ladder) < self._config.ladder_limit:
+            call.ladder.append(_entry(direction, leg, peer, transport, data, wall))
+
+
+def _entry(
+    direction: str, leg: str, peer: Address, transport: Transport, data: bytes, wall: float
+) -> LadderEntry:
+    """One message of a call's ladder, its text cut at 4 KiB."""
+    return LadderEntry(
+        wall=wall,
+        direction=direction,
+        leg=leg,
+        peer=format_address(peer),
+        transport=transport.value,
+        message=data[:4096].decode("utf-8", "replace"),
+    )

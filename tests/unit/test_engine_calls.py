@@ -409,3 +409,24 @@ def test_responses_ignore_maddr_and_go_back_to_the_source() -> None:
     request.headers.set("Via", "SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-m1;maddr=192.0.2.99")
     [send] = h.receive(request)
     assert send.destination == CLIENT
+
+
+def test_no_cancel_follows_the_carriers_final_answer_after_ringing() -> None:
+    h = Harness.make(account())
+    _, sends = invite(h, Phone())
+    [b_invite] = requests_to(sends, CARRIER)
+    h.receive(answer(b_invite, 180, "Ringing"), source=CARRIER)
+    sends = h.receive(answer(b_invite, 486, "Busy Here"), source=CARRIER)
+    sends += h.advance(40)
+    assert {r.method for r in requests_to(sends, CARRIER)} == {"ACK"}
+
+
+def test_a_rejected_call_keeps_its_ladder_for_support() -> None:
+    h = Harness.make(account(allowed_prefixes=("1",)))
+    invite(h, Phone(), digits="525512345678")
+    record = h.record_log[-1]
+    assert record.ended_by == "rejected" and record.final_status == 403
+    assert [(e.direction, e.message.split(" ", 2)[:2]) for e in record.ladder] == [
+        ("in", ["INVITE", "sip:525512345678@sip.kx21.com"]),
+        ("out", ["SIP/2.0", "403"]),
+    ]
