@@ -42,9 +42,12 @@ from sansio_sip import (
     LadderEntry,
     ParseError,
     Request,
+    Response,
+    SipUri,
     StreamFramer,
     Transport,
     parse_message,
+    parse_uri,
 )
 
 __all__ = [
@@ -302,24 +305,78 @@ def parse_peer(text: str) -> Address:
 
 
 def server_address(records: Iterable[CallRecordData]) -> Address | None:
-    """Our SIP address as written in the calls: the top Via of the first request we
-    sent (on the carrier leg, our Via is the only one). None when no request went out."""
-    for record in records:
-        for entry in record.ladder:
-            if entry.direction != "out" or entry.message.startswith("SIP/"):
-                continue
-            try:
-                message = parse_message(entry.message.encode("utf-8"))
-            except ParseError:
-                continue
-            if isinstance(message, Request) and message.vias:
-                via = message.vias[0]
-                try:
-                    ipaddress.ip_address(via.host)
-                except ValueError:
-                    continue
-                return (via.host, via.port or 5060)
+    """Our SIP address as the calls wrote it, from the best witness present: the top Via
+    of a request we sent (the carrier leg), else the Contact of a response we sent (the
+    client leg), else the Request-URI of a request we received when it names an IP.
+    None when no message says it."""
+    entries = [entry for record in records for entry in record.ladder]
+    for witness in (_our_via, _our_contact, _their_request_uri):
+        for entry in entries:
+            found = witness(entry)
+            if found is not None:
+                return found
     return None
+
+
+def _parsed(entry: LadderEntry) -> Request | Response | None:
+    try:
+        return parse_message(entry.message.encode("utf-8"))
+    except ParseError:
+        return None
+
+
+def _ip_address(host: str, port: int | None) -> Address | None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port or 5060)
+
+
+def _uri_address(text: str) -> Address | None:
+    try:
+        uri = parse_uri(text)
+    except ParseError:
+        return None
+    if not isinstance(uri, SipUri):
+        return None
+    return _ip_address(uri.host, uri.port)
+
+
+def _our_via(entry: LadderEntry) -> Address | None:
+    if entry.direction != "out" or entry.message.startswith("SIP/"):
+        return None
+    message = _parsed(entry)
+    if not isinstance(message, Request):
+        return None
+    try:
+        via = message.top_via
+    except ParseError:
+        return None
+    return _ip_address(via.host, via.port)
+
+
+def _our_contact(entry: LadderEntry) -> Address | None:
+    if entry.direction != "out" or not entry.message.startswith("SIP/"):
+        return None
+    message = _parsed(entry)
+    if message is None:
+        return None
+    try:
+        contacts = message.contacts
+    except ParseError:
+        return None
+    for contact in contacts:
+        if contact != "*":
+            return _uri_address(contact.uri)
+    return None
+
+
+def _their_request_uri(entry: LadderEntry) -> Address | None:
+    if entry.direction != "in" or entry.message.startswith("SIP/"):
+        return None
+    message = _parsed(entry)
+    return _uri_address(message.uri) if isinstance(message, Request) else None
 
 
 @attrs.frozen(kw_only=True)

@@ -214,6 +214,26 @@ def test_hep_trace_never_raises_when_the_collector_is_gone() -> None:
 
 def test_server_address_is_the_via_of_our_first_request() -> None:
     assert server_address([RECORD]) == ("203.0.113.5", 5060)
+
+
+def test_server_address_of_a_client_leg_only_call() -> None:
+    answer = (
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.10:5062;branch=z9hG4bK-a1\r\n"
+        "From: <sip:alice@sip.kx21.com>;tag=1\r\nTo: <sip:9196@sip.kx21.com>;tag=2\r\n"
+        "Contact: <sip:9196@198.51.100.20:5070>\r\nCall-ID: x\r\nCSeq: 2 INVITE\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+    echo = _record(
+        _entry(1.0, "in", "A", "192.0.2.10:5062", "UDP", INVITE),
+        _entry(2.0, "out", "A", "192.0.2.10:5062", "UDP", answer),
+    )
+    assert server_address([echo]) == ("198.51.100.20", 5070)
+    by_uri = INVITE.replace("sip:0044123@sip.kx21.com SIP", "sip:9196@198.51.100.21 SIP")
+    assert server_address([_record(_entry(1.0, "in", "A", "192.0.2.10:5062", "UDP", by_uri))]) == (
+        "198.51.100.21",
+        5060,
+    )
+    # A host name says nothing about our address.
     assert server_address([_record(RECORD.ladder[0])]) is None
 
 

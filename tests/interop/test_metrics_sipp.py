@@ -1,0 +1,459 @@
+"""Operating a running ``kx-sipd serve`` (issue 8 §2-§4), over loopback, both drivers:
+
+* /metrics scraped during a SIPp run (REGISTER with digest, calls to the echo number
+  9196) and after it: the counters add up to what SIPp sent and received;
+* /healthz 200, then 503 naming the store when its accounts table is broken, and
+  the relay when the (remote) relay is stopped;
+* ``kx-sipd status --json``, ``kx-sipd bans list|clear`` against a server that banned
+  127.0.0.1 after wrong passwords;
+* ``kx-sipd calls pcap``: the file read with scapy holds every message of the ladder;
+* ``--hep``: HEP v3 packets received on a loopback UDP socket during a call, decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+from calls_support import (
+    HOST,
+    REALM,
+    SIPP,
+    KxServer,
+    Sipp,
+    _environment,
+    free_port,
+    free_rtp_range,
+    kx_cli,
+    sipp_command,
+    start_kx,
+    users_file,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from kx_sipd.settings import ServerSettings
+from kx_sipd.trace import decode_hep
+
+pytestmark = [
+    pytest.mark.interop,
+    pytest.mark.skipif(SIPP is None, reason="sipp is not installed (OS package sip-tester)"),
+]
+
+ANCHORS = Path(__file__).resolve().parents[3] / "shared" / "anchors" / "sipp"
+USERS = [(f"u{n:05d}", f"pw{n:05d}x") for n in range(1, 4)]
+REGISTRATIONS = 12
+CALLS = 4
+WAIT = 30.0
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module", params=["anyio", "socket"])
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _database(directory: Path) -> Path:
+    db = directory / "kx.sqlite"
+    for user, password in USERS:
+        kx_cli(db, "accounts", "add", user, "--password", password)
+    return db
+
+
+@attrs.define
+class Monitored:
+    kx: KxServer
+    control: tuple[str, int]
+    directory: Path
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection(*self.control, timeout=10)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def scrape(self) -> Samples:
+        status, data = self.get("/metrics")
+        assert status == 200
+        out: Samples = {}
+        for family in text_string_to_metric_families(data.decode()):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        status, data = self.get("/healthz")
+        return status, orjson.loads(data)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kx_sipd", *args, "--control", f"{HOST}:{self.control[1]}"],
+            capture_output=True,
+            text=True,
+            env=_environment(),
+            timeout=60,
+            check=False,
+        )
+
+
+def _serve(directory: Path, driver: str, *extra: str) -> Monitored:
+    control = (HOST, free_port(socket.SOCK_STREAM))
+    kx = start_kx(
+        directory,
+        _database(directory),
+        "--driver",
+        driver,
+        "--metrics",
+        f"{HOST}:{control[1]}",
+        *extra,
+    )
+    return Monitored(kx, control, directory)
+
+
+@pytest.fixture(scope="module")
+def monitored(driver: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
+    server = _serve(tmp_path_factory.mktemp(f"metrics-{driver}"), driver)
+    try:
+        yield server
+    finally:
+        server.kx.stop()
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def _sipp(name: str, scenario: str, kx: KxServer, directory: Path, calls: int, *extra: str) -> Sipp:
+    return sipp_command(
+        name,
+        str(ANCHORS / scenario),
+        directory,
+        port=free_port(),
+        remote=kx.address,
+        calls=calls,
+        timeout=60,
+        extra=["-inf", str(users_file(directory, USERS)), *extra],
+    )
+
+
+def _wait(predicate: Any, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
+    kx, directory = monitored.kx, monitored.directory
+    before = monitored.scrape()
+    registrations = _sipp("reg", "reg_auth.xml", kx, directory, REGISTRATIONS, "-r", "20")
+    registrations.start()
+    registrations.wait(WAIT)
+    registrations.assert_ok()
+    calls = _sipp("calls", "uac_call_auth.xml", kx, directory, CALLS, "-s", "9196", "-d", "2500")
+    calls.start()
+    # Scraped during the run: the calls are up.
+    assert _wait(lambda: value(monitored.scrape(), "kx_sipd_calls_active") >= 1)
+    during = monitored.scrape()
+    assert value(during, "kx_sipd_calls_up", route="echo") >= 1
+    calls.wait(WAIT)
+    calls.assert_ok()
+    assert _wait(lambda: value(monitored.scrape(), "kx_sipd_calls_up", route="echo") == 0)
+    after = monitored.scrape()
+
+    sent: Counter[str] = Counter()
+    received: Counter[int] = Counter()
+    for run in (registrations, calls):
+        for message in run.messages():
+            if message.direction == "sent" and message.is_request:
+                sent[message.method] += 1
+            elif message.direction == "received" and not message.is_request:
+                assert message.status is not None
+                received[message.status] += 1
+    assert sent["REGISTER"] == 2 * REGISTRATIONS and sent["INVITE"] == 2 * CALLS
+    for method, count in sent.items():
+        assert delta(after, before, "kx_sipd_sip_requests_total", method=method) == count, method
+    for code, count in received.items():
+        got = delta(after, before, "kx_sipd_sip_responses_total", code=str(code))
+        assert got == count, (code, got, count)
+    attempts = REGISTRATIONS + CALLS
+    assert delta(after, before, "kx_sipd_auth_challenges_total") == attempts
+    assert delta(after, before, "kx_sipd_auth_outcomes_total", outcome="accepted") == attempts
+    assert delta(after, before, "kx_sipd_calls_started_total") == CALLS
+    assert delta(after, before, "kx_sipd_calls_answered_total") == CALLS
+    assert delta(after, before, "kx_sipd_calls_ended_total", ended_by="client") == CALLS
+    assert delta(after, before, "kx_sipd_call_attempts_total", route="echo") == CALLS
+    assert delta(after, before, "kx_sipd_call_answers_total", route="echo") == CALLS
+    assert delta(after, before, "kx_sipd_call_setup_seconds_count", route="echo") == CALLS
+    assert value(after, "kx_sipd_calls_active") == 0
+    # Every record was written through the timed store: start and end of each call.
+    writes = delta(after, before, "kx_sipd_store_seconds_count", operation="write_call_record")
+    assert writes >= 2 * CALLS
+    assert delta(after, before, "kx_sipd_store_seconds_count", operation="get_account") >= 1
+    records = kx.cli("calls", "list", "--json").stdout.splitlines()
+    assert len(records) == CALLS
+    assert value(after, "kx_sipd_relay_up") == 1
+    assert value(after, "kx_sipd_relay_shard_up", shard="0") == 1
+    assert delta(after, before, "kx_sipd_relay_packets_total", shard="0", direction="in") >= 0
+
+
+def test_pcap_of_a_call_holds_every_message_of_its_ladder(monitored: Monitored) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import rdpcap
+
+    kx = monitored.kx
+    line = kx.cli("calls", "list", "--limit", "1", "--json").stdout.splitlines()
+    if not line:  # run alone: make one call first
+        calls = _sipp("one", "uac_call_auth.xml", kx, monitored.directory, 1, "-s", "9196")
+        calls.start()
+        calls.wait(WAIT)
+        calls.assert_ok()
+        line = kx.cli("calls", "list", "--limit", "1", "--json").stdout.splitlines()
+    call_id = orjson.loads(line[0])["a_call_id"]
+    (shown,) = [
+        orjson.loads(text)
+        for text in kx.cli("calls", "show", call_id, "--json").stdout.splitlines()
+    ]
+    ladder = shown["ladder"]
+    methods = [entry["message"].split(" ", 1)[0] for entry in ladder]
+    assert "INVITE" in methods and "BYE" in methods, methods
+    path = monitored.directory / "call.pcap"
+    kx.cli("calls", "pcap", call_id, "-o", str(path))
+    packets = rdpcap(str(path))
+    assert len(packets) == len(ladder)
+    for packet, entry in zip(packets, ladder, strict=True):
+        assert bytes(packet[UDP].payload) == entry["message"].encode()
+        assert float(packet.time) == pytest.approx(entry["wall"], abs=1e-6)
+        peer = f"{packet[IP].src}:{packet[UDP].sport}"
+        ours = f"{packet[IP].dst}:{packet[UDP].dport}"
+        if entry["direction"] == "out":
+            peer, ours = ours, peer
+        assert peer == entry["peer"]
+        assert ours == f"{HOST}:{kx.port}"
+
+
+def test_healthz_follows_the_store(monitored: Monitored) -> None:
+    status, body = monitored.health()
+    assert (status, body["status"], body["down"]) == (200, "ok", [])
+    db = monitored.kx.db
+    _rename(db, "accounts", "accounts_away")
+    try:
+        assert _wait(lambda: monitored.health()[0] == 503, timeout=10)
+        status, body = monitored.health()
+        assert body["down"] == ["store"] and body["store"]["error"]
+        found = monitored.scrape()
+        assert value(found, "kx_sipd_up", component="store") == 0
+    finally:
+        _rename(db, "accounts_away", "accounts")
+    assert _wait(lambda: monitored.health()[0] == 200, timeout=10)
+
+
+def _rename(db: Path, old: str, new: str) -> None:
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"ALTER TABLE {old} RENAME TO {new}")
+    connection.close()
+
+
+def test_healthz_says_the_relay_is_down_when_it_stops(driver: str, tmp_path: Path) -> None:
+    control = free_port()
+    rtp = free_rtp_range(40)
+    secret = "metrics-test-relay-secret"
+    relay = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kx_sipd",
+            "relay",
+            "serve",
+            "--control",
+            f"{HOST}:{control}",
+            "--rtp-range",
+            f"{rtp[0]}-{rtp[1]}",
+            "--relay-shards",
+            "1",
+            "--rtp-address",
+            HOST,
+            "--secret",
+            secret,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "relay.log").open("wb"),
+        env=_environment(),
+    )
+    server = None
+    try:
+        server = _serve(tmp_path, driver, "--relay", f"{HOST}:{control}", "--relay-secret", secret)
+        assert _wait(lambda: server.health()[0] == 200), server.health()
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(15)
+        assert _wait(lambda: server.health()[0] == 503, timeout=15)
+        status, body = server.health()
+        assert body["down"] == ["relay"] and body["relay"]["error"]
+        assert value(server.scrape(), "kx_sipd_relay_up") == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait(5)
+        if server is not None:
+            server.kx.stop()
+
+
+# -- bans and status ---------------------------------------------------------------------------
+
+
+def _digest(user: str, password: str, nonce: str, uri: str) -> str:
+    ha1 = hashlib.md5(f"{user}:{REALM}:{password}".encode()).hexdigest()
+    ha2 = hashlib.md5(f"REGISTER:{uri}".encode()).hexdigest()
+    return hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()
+
+
+def _register(server: tuple[str, int], user: str, password: str) -> int | None:
+    """REGISTER, answer the challenge with ``password``; the final status (None: no answer)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        sock.settimeout(2.0)
+        port = sock.getsockname()[1]
+        call_id = f"{random.getrandbits(64):x}"
+        uri = f"sip:{REALM}"
+        authorization = ""
+        for cseq in (1, 2):
+            sock.sendto(
+                (
+                    f"REGISTER {uri} SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP {HOST}:{port};branch=z9hG4bK{call_id}{cseq};rport\r\n"
+                    f"Max-Forwards: 70\r\nFrom: <sip:{user}@{REALM}>;tag={call_id}\r\n"
+                    f"To: <sip:{user}@{REALM}>\r\nCall-ID: {call_id}\r\n"
+                    f"CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{HOST}:{port}>\r\n"
+                    f"{authorization}Expires: 60\r\nContent-Length: 0\r\n\r\n"
+                ).encode(),
+                server,
+            )
+            try:
+                answer = sock.recv(65535).decode()
+            except TimeoutError:
+                return None
+            status = int(answer.split(" ", 2)[1])
+            if status != 401:
+                return status
+            nonce = answer.split('nonce="', 1)[1].split('"', 1)[0]
+            response = _digest(user, password, nonce, uri)
+            authorization = (
+                f'Authorization: Digest username="{user}", realm="{REALM}", nonce="{nonce}", '
+                f'uri="{uri}", response="{response}", algorithm=MD5\r\n'
+            )
+        return None
+
+
+def test_status_and_bans_against_a_running_server(driver: str, tmp_path: Path) -> None:
+    server = _serve(tmp_path, driver, "--ban-failures", "3", "--ban-window", "60")
+    try:
+        user, password = USERS[0]
+        assert _register(server.kx.address, user, password) == 200
+        for _ in range(3):
+            assert _register(server.kx.address, user, "wrong") == 403
+        # 127.0.0.1 is banned now: even the right password goes unanswered.
+        assert _register(server.kx.address, user, password) is None
+        listed = server.cli("bans", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (ban,) = [orjson.loads(text) for text in listed.stdout.splitlines()]
+        assert ban["ip"] == HOST and 0 < ban["seconds_left"] <= 600
+        status = server.cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        body = orjson.loads(status.stdout)
+        assert body["server"]["driver"] == driver
+        assert body["server"]["listen"] == [f"{HOST}:{server.kx.port}"]
+        assert body["health"]["status"] == "ok"
+        assert body["calls"]["up"] == 0
+        assert [entry["ip"] for entry in body["bans"]] == [HOST]
+        assert body["sip"]["auth"]["bad-credentials"] == 3
+        assert body["relay"]["up"] is True and len(body["relay"]["shards"]) == 1
+        text = server.cli("status")
+        assert text.returncode == 0 and "bans: 1" in text.stdout and HOST in text.stdout
+        cleared = server.cli("bans", "clear", HOST)
+        assert cleared.returncode == 0 and "1 ban lifted" in cleared.stdout
+        assert _register(server.kx.address, user, password) == 200
+        listed = server.cli("bans", "list")
+        assert listed.stdout.strip() == "no bans"
+    finally:
+        server.kx.stop()
+
+
+# -- HEP ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    "hep" not in attrs.fields_dict(ServerSettings),
+    reason="kx-sipd serve has no --hep option yet (requested in /work/brief/requests-ops.md)",
+)
+def test_hep_packets_reach_a_collector_during_a_call(driver: str, tmp_path: Path) -> None:
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind((HOST, 0))
+    collector.settimeout(0.5)
+    server = None
+    try:
+        server = _serve(
+            tmp_path,
+            driver,
+            "--hep",
+            f"{HOST}:{collector.getsockname()[1]}",
+            "--hep-agent-id",
+            "4242",
+        )
+        calls = _sipp("hep", "uac_call_auth.xml", server.kx, tmp_path, 1, "-s", "9196")
+        calls.start()
+        calls.wait(WAIT)
+        calls.assert_ok()
+        packets = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                packets.append(decode_hep(collector.recv(65535)))
+            except TimeoutError:
+                if packets:
+                    break
+    finally:
+        collector.close()
+        if server is not None:
+            server.kx.stop()
+    traced = [m for m in calls.messages()]
+    payloads = [packet.payload for packet in packets]
+    sip_port = server.kx.port
+    assert all(packet.agent_id == 4242 and packet.payload_type == 1 for packet in packets)
+    # Every message SIPp sent or received crossed kx-sipd's SIP port: each has its packet,
+    # in the right direction.
+    for message in traced:
+        first_line = message.first_line.encode()
+        matching = [
+            packet
+            for packet in packets
+            if packet.payload.startswith(first_line)
+            and (packet.destination if message.direction == "sent" else packet.source)
+            == (HOST, sip_port)
+        ]
+        assert matching, (message.first_line, [p[:40] for p in payloads])
+    invites = [p for p in packets if p.payload.startswith(b"INVITE ")]
+    assert len(invites) == 2 and all(p.protocol == 17 and p.family == 2 for p in invites)
