@@ -430,14 +430,9 @@ def test_replayed_authorization_is_refused(kx: KxServer, workdir: Path, carrier_
     assert kx.records(call_id) == []
 
 
-# ----------------------------------------------- known bugs (strict xfail)
+# ------------------------------------------------- fixed bugs, kept as tests
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kx-sipd sends CANCEL to the carrier after the carrier's final 486/503 "
-    "(CallManager._finish cancels whenever a provisional was seen); RFC 3261 §9.1",
-)
 def test_no_cancel_after_the_carriers_final_response(
     kx: KxServer, workdir: Path, carrier_port: int
 ) -> None:
@@ -447,11 +442,6 @@ def test_no_cancel_after_the_carriers_final_response(
     assert requests(carrier.messages(), "received") == ["INVITE", "ACK"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call rejected before the B-leg (here 488) is recorded with an empty "
-    "ladder: `calls show` prints 'SIP ladder (0 messages)' (guide §10 support)",
-)
 def test_rejected_call_shows_its_ladder(kx: KxServer, workdir: Path, carrier_port: int) -> None:
     client, _ = run_call(kx, workdir, carrier_port, "uac_codecs_rejected.xml", None)
     client.assert_ok()
