@@ -410,6 +410,17 @@ def _accepted_formats(m: Media) -> tuple[str, ...]:
     return tuple(kept)
 
 
+def _codec_key(m: Media, pt: str) -> tuple[str, int] | None:
+    """(ENCODING, clock rate) of payload type ``pt`` in ``m``, or None."""
+    mapping = m.rtpmap(pt)
+    return None if mapping is None else (mapping[0].upper(), mapping[1])
+
+
+def _is_dynamic(pt: str) -> bool:
+    """RFC 3551 §6: payload types 96-127 are dynamic."""
+    return pt.isascii() and pt.isdigit() and 96 <= int(pt) <= 127
+
+
 def _has_g711(m: Media, formats: Iterable[str]) -> bool:
     for pt in formats:
         mapping = m.rtpmap(pt)
@@ -513,7 +524,18 @@ def make_answer(offer: SessionDescription, answer: SessionDescription) -> Sessio
     if not answer.media or answer.media[0].port == 0:
         raise NoAcceptableCodec(305, "Incompatible media format")
     carried = answer.media[0]
-    keep = tuple(pt for pt in carried.formats if pt in offered_formats)
+    # A dynamic payload type matches by encoding and clock rate, keeping the
+    # answerer's number: RFC 3264 §6.1 only says the answerer SHOULD reuse the
+    # offer's number, and a carrier that answers telephone-event as 101 to an
+    # offer of 96 still agrees to DTMF. Each side then sends the number the
+    # other asked for (DESIGN §7: numbers pass through unchanged, per leg).
+    offered_codecs = {_codec_key(offered, pt) for pt in offered_formats}
+    keep = tuple(
+        pt
+        for pt in carried.formats
+        if pt in offered_formats
+        or (_is_dynamic(pt) and _codec_key(carried, pt) in offered_codecs - {None})
+    )
     # Judge by the offer's mappings: the answer uses the offer's numbers
     # (RFC 3264 §6.1) and may omit an rtpmap the offer already gave.
     if not _has_g711(offered, keep):

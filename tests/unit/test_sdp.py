@@ -575,3 +575,32 @@ def test_no_acceptable_codec_is_a_remote_error_with_warning_header() -> None:
     assert isinstance(err, RemoteProtocolError)
     assert (err.status_code, err.reason, err.warning_code) == (488, "Not Acceptable Here", 305)
     assert err.headers == (("Warning", '305 kx-sipd "Incompatible media format"'),)
+
+
+def test_answer_keeps_telephone_event_renumbered_by_the_carrier() -> None:
+    # linphonec offers telephone-event as 96; an Asterisk-style trunk answers 101.
+    offer = parse_sdp(
+        b"v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\n"
+        b"m=audio 7078 RTP/AVP 0 8 96\r\na=rtpmap:96 telephone-event/8000\r\n"
+    )
+    answer = parse_sdp(
+        b"v=0\r\no=- 2 2 IN IP4 192.0.2.60\r\ns=-\r\nc=IN IP4 192.0.2.60\r\nt=0 0\r\n"
+        b"m=audio 13701 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+        b"a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n"
+    )
+    for_client = make_answer(offer, answer)
+    [m] = for_client.media
+    assert m.formats == ("0", "101")
+    assert m.rtpmap("101") == ("telephone-event", 8000, None)
+
+
+def test_answer_drops_a_renumbered_format_that_was_never_offered() -> None:
+    offer = parse_sdp(
+        b"v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\n"
+        b"m=audio 7078 RTP/AVP 0\r\n"
+    )
+    answer = parse_sdp(
+        b"v=0\r\no=- 2 2 IN IP4 192.0.2.60\r\ns=-\r\nc=IN IP4 192.0.2.60\r\nt=0 0\r\n"
+        b"m=audio 13701 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n"
+    )
+    assert make_answer(offer, answer).media[0].formats == ("0",)
