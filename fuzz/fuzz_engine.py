@@ -64,6 +64,7 @@ from sansio_sip import (
     CloseConnection,
     Engine,
     EngineConfig,
+    GuardConfig,
     Log,
     LookupAccount,
     MediaAllocation,
@@ -124,14 +125,12 @@ CONFIG = EngineConfig(
     max_via_depth=8,
     max_message_size=8192,
 )
-# GuardConfig is not exported: start from the engine's default guard.
 CONFIG = attrs.evolve(
     CONFIG,
-    guard=attrs.evolve(
-        CONFIG.guard, failures=3, window=60.0, ban_time=120.0, user_failures=2, capacity=8,
-        drop_scanners=True,
+    guard=GuardConfig(
+        failures=3, window=60.0, ban_time=120.0, user_failures=2, capacity=8, drop_scanners=True
     ),
-)  # fmt: skip
+)
 
 PASSWORD = "s3cret"
 _ROUTE = Route(name="carrier", host=CARRIER[0], port=CARRIER[1])

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from sansio_sip import Address, EngineConfig
+from sansio_sip import Address, GuardConfig
 
 __all__ = [
     "DEFAULT_DB",
@@ -409,11 +409,7 @@ class ServerSettings:
     def engine_limits(self) -> dict[str, Any]:
         """The ``EngineConfig`` keyword arguments these settings decide: the
         limits, the overload answer, and the brute-force guard."""
-        # GuardConfig is not exported by sansio_sip: start from the engine's
-        # own default guard and change only what the operator decides.
-        default_guard = attrs.fields(EngineConfig).guard.default.factory()
-        guard = attrs.evolve(
-            default_guard,
+        guard = GuardConfig(
             failures=self.ban_failures,
             window=self.ban_window,
             ban_time=self.ban_time,

@@ -1,10 +1,13 @@
 """Engine bugs found by the hardening work (fuzz/fuzz_engine.py, the wire
 tests), each pinned by a minimal test. A test marked xfail(strict=True) fails
-the suite as soon as the engine is fixed, so the mark is then removed."""
+the suite as soon as the engine is fixed, so the mark is then removed; the
+tests stay as regression tests."""
 
 from __future__ import annotations
 
 import random
+
+import pytest
 
 from sansio_sip import Engine, EngineConfig, Send, Transport, parse_message
 
@@ -83,3 +86,25 @@ def test_malformed_requests_cannot_fill_the_transaction_table() -> None:
     )
     actions = engine.receive(options, source=SOURCE, transport=Transport.UDP, now=later, wall=later)
     assert _statuses(actions) == [200]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine: Engine.receive raises ValueError for a datagram from source port 0 "
+    "(requests-hardening.md #5)",
+)
+def test_a_datagram_from_port_zero_is_a_counted_drop() -> None:
+    """Found by fuzz/wire.py (forged sources): the answer goes to the source
+    port (symmetric routing), and ``Send`` refuses port 0, so the ValueError
+    escapes ``receive`` (the driver logs ``engine.bug``)."""
+    engine = _engine()
+    options = (
+        b"OPTIONS sip:sip.kx21.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bKport0;rport\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:a@sip.kx21.com>;tag=1\r\nTo: <sip:sip.kx21.com>\r\n"
+        b"Call-ID: port0\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    actions = engine.receive(
+        options, source=("127.0.0.1", 0), transport=Transport.UDP, now=1.0, wall=1.0
+    )
+    assert not any(isinstance(action, Send) for action in actions)
