@@ -507,10 +507,9 @@ def test_linphonec_wrong_password(setup: Setup, linphonec_for: Callable[..., Lin
 @needs_sipp
 @pytest.mark.xfail(
     strict=True,
-    reason="kx-sipd drops telephone-event from the answer when the carrier numbers it "
-    "differently from the offer (96 offered by linphonec, 101 answered): make_answer keeps "
-    "answer formats by payload type number, so the client never sends RFC 4733 "
-    "(requests-softphones.md)",
+    reason="the answer now carries the carrier's telephone-event (101), but linphonec keeps "
+    "sending events under its own offered number (96); needs payload-type rewriting per "
+    "direction in the relay (DESIGN.md §7)",
 )
 def test_linphonec_dtmf_when_carrier_renumbers_telephone_event(
     setup: Setup, linphonec_for: Callable[..., Linphonec], tmp_path: Path
