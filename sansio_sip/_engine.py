@@ -189,6 +189,7 @@ class Engine:
     def handle_timer(self, *, now: float, wall: float) -> list[Action]:
         """Fire every deadline that is due; call when ``next_timer()`` has passed."""
         out: list[Action] = []
+        self._last_now = now
         self._dispatch(self._transactions.handle_timer(now=now), now, wall, out)
         self._calls.handle_timer(now=now, wall=wall, out=out)
         while self._delayed and self._delayed[0][0] <= now:

@@ -57,6 +57,14 @@ User-Agent is off unless the operator turns it on."""
 
 @attrs.frozen(kw_only=True)
 class GuardConfig:
+    """The guard's tunables (defaults reasoned in the module docstring):
+    ``failures`` authentication failures from one IP within ``window``
+    seconds ban it for ``ban_time`` seconds; past ``user_failures`` failures
+    in the window for one username, its failure answers wait ``base_delay``
+    seconds, doubling up to ``max_delay``; each table holds at most
+    ``capacity`` entries; ``drop_scanners`` drops requests whose User-Agent
+    contains one of ``scanners``."""
+
     failures: int = 10
     window: float = 60.0
     ban_time: float = 600.0
