@@ -66,6 +66,7 @@ from ._sdp import (
     media_address,
     parse_sdp,
     rewrite_media,
+    without_endpoint_features,
 )
 from ._seams import Entropy
 from ._transaction import ClientTransaction, ServerTransaction, TransactionLayer
@@ -396,7 +397,7 @@ class CallManager:
         # The echo answers with what it was offered (only G.711 remains), from
         # the relay's port that sends every packet back.
         answer = rewrite_media(
-            make_answer(call.original_offer, call.offer),
+            without_endpoint_features(make_answer(call.original_offer, call.offer)),
             address=allocation.a_address,
             port=allocation.a_port,
             origin_user="kx-sipd",

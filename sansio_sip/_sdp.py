@@ -45,6 +45,7 @@ __all__ = [
     "parse_sdp",
     "rewrite_media",
     "serialize_sdp",
+    "without_endpoint_features",
 ]
 
 Line = tuple[str, str]
@@ -97,8 +98,20 @@ _RELAY_INVALIDATES = frozenset(
         "rtcp",
         "rtcp-mux",
         "rtcp-rsize",
+        # Endpoint identity (RFC 5576 source attributes carry a CNAME such as
+        # the customer's SIP URI; RFC 8830 msid; the software's name): a B2BUA
+        # does not tell one leg who is on the other.
+        "ssrc",
+        "ssrc-group",
+        "msid",
+        "msid-semantic",
+        "tool",
     }
 )
+# RTP extensions an endpoint announces for itself (RFC 3611 XR, RFC 4585
+# feedback, RFC 8285 header extensions): kx-sipd's own echo answer must not
+# claim them.
+_ENDPOINT_FEATURES = frozenset({"rtcp-xr", "rtcp-fb", "extmap", "extmap-allow-mixed"})
 
 
 def _is_number(text: str) -> bool:
@@ -638,6 +651,20 @@ def rewrite_media(
         else:
             media.append(attrs.evolve(m, lines=tuple(lines)))
     return SessionDescription(lines=tuple(session), media=tuple(media))
+
+
+def without_endpoint_features(sd: SessionDescription) -> SessionDescription:
+    """``sd`` without the RTP extensions an endpoint announces for itself
+    (RTCP-XR, RTCP feedback, header extensions): for an answer kx-sipd gives
+    in its own name, such as the echo test's."""
+
+    def keep(line: Line) -> bool:
+        return not (line[0] == "a" and _attribute(line[1])[0] in _ENDPOINT_FEATURES)
+
+    return SessionDescription(
+        lines=tuple(line for line in sd.lines if keep(line)),
+        media=tuple(attrs.evolve(m, lines=tuple(x for x in m.lines if keep(x))) for m in sd.media),
+    )
 
 
 def media_address(sd: SessionDescription) -> tuple[str, int] | None:

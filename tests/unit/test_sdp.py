@@ -24,6 +24,7 @@ from sansio_sip._sdp import (
     parse_sdp,
     rewrite_media,
     serialize_sdp,
+    without_endpoint_features,
 )
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "sdp"
@@ -167,7 +168,7 @@ def test_microsip_srtp_best_effort_offer_loses_its_keys() -> None:
     assert forwarded.media[0].formats == ("8", "0", "101")
     text = serialize_sdp(rewrite_media(forwarded, address="203.0.113.5", port=20000)).decode()
     assert "crypto" not in text and "a=rtcp:" not in text
-    assert "a=ssrc:370289018" in text  # unrelated attributes pass through
+    assert "a=ssrc:" not in text  # the source's CNAME stays on its own leg
     assert "b=TIAS:64000" in text
 
 
@@ -604,3 +605,16 @@ def test_answer_drops_a_renumbered_format_that_was_never_offered() -> None:
         b"m=audio 13701 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n"
     )
     assert make_answer(offer, answer).media[0].formats == ("0",)
+
+
+def test_relayed_sdp_does_not_carry_the_endpoints_identity() -> None:
+    offer = parse_sdp(
+        b"v=0\r\no=- 1 1 IN IP4 10.0.0.7\r\ns=-\r\nc=IN IP4 10.0.0.7\r\nt=0 0\r\n"
+        b"a=tool:baresip 1.0.0\r\nm=audio 7078 RTP/AVP 0\r\n"
+        b"a=ssrc:1234 cname:sip:acme@sip.kx21.com\r\na=rtcp-xr:rcvr-rtt=all\r\n"
+    )
+    relayed = bytes(rewrite_media(offer, address="203.0.113.9", port=20000))
+    assert b"tool" not in relayed and b"cname" not in relayed and b"acme" not in relayed
+    assert b"rtcp-xr" in relayed  # end to end through the relay: the carrier may use it
+    own = bytes(without_endpoint_features(parse_sdp(relayed)))
+    assert b"rtcp-xr" not in own
