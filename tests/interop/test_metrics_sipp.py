@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import random
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio.from_thread
 import attrs
 import orjson
 import pytest
@@ -45,8 +48,12 @@ from calls_support import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+import io_anyio
+import io_socket
 from kx_sipd.settings import ServerSettings
-from kx_sipd.trace import decode_hep
+from kx_sipd.store import Store
+from kx_sipd.trace import HepTrace, decode_hep
+from sansio_sip import Address, Engine, EngineConfig, MediaAllocation, MediaStats
 
 pytestmark = [
     pytest.mark.interop,
@@ -144,13 +151,15 @@ def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
-def _sipp(name: str, scenario: str, kx: KxServer, directory: Path, calls: int, *extra: str) -> Sipp:
+def _sipp(
+    name: str, scenario: str, server: Address, directory: Path, calls: int, *extra: str
+) -> Sipp:
     return sipp_command(
         name,
         str(ANCHORS / scenario),
         directory,
         port=free_port(),
-        remote=kx.address,
+        remote=server,
         calls=calls,
         timeout=60,
         extra=["-inf", str(users_file(directory, USERS)), *extra],
@@ -169,11 +178,13 @@ def _wait(predicate: Any, timeout: float = WAIT) -> bool:
 def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     kx, directory = monitored.kx, monitored.directory
     before = monitored.scrape()
-    registrations = _sipp("reg", "reg_auth.xml", kx, directory, REGISTRATIONS, "-r", "20")
+    registrations = _sipp("reg", "reg_auth.xml", kx.address, directory, REGISTRATIONS, "-r", "20")
     registrations.start()
     registrations.wait(WAIT)
     registrations.assert_ok()
-    calls = _sipp("calls", "uac_call_auth.xml", kx, directory, CALLS, "-s", "9196", "-d", "2500")
+    calls = _sipp(
+        "calls", "uac_call_auth.xml", kx.address, directory, CALLS, "-s", "9196", "-d", "2500"
+    )
     calls.start()
     # Scraped during the run: the calls are up.
     assert _wait(lambda: value(monitored.scrape(), "kx_sipd_calls_active") >= 1)
@@ -227,7 +238,7 @@ def test_pcap_of_a_call_holds_every_message_of_its_ladder(monitored: Monitored) 
     kx = monitored.kx
     line = kx.cli("calls", "list", "--limit", "1", "--json").stdout.splitlines()
     if not line:  # run alone: make one call first
-        calls = _sipp("one", "uac_call_auth.xml", kx, monitored.directory, 1, "-s", "9196")
+        calls = _sipp("one", "uac_call_auth.xml", kx.address, monitored.directory, 1, "-s", "9196")
         calls.start()
         calls.wait(WAIT)
         calls.assert_ok()
@@ -423,37 +434,131 @@ def test_hep_packets_reach_a_collector_during_a_call(driver: str, tmp_path: Path
             "--hep-agent-id",
             "4242",
         )
-        calls = _sipp("hep", "uac_call_auth.xml", server.kx, tmp_path, 1, "-s", "9196")
+        calls = _sipp("hep", "uac_call_auth.xml", server.kx.address, tmp_path, 1, "-s", "9196")
         calls.start()
         calls.wait(WAIT)
         calls.assert_ok()
-        packets = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                packets.append(decode_hep(collector.recv(65535)))
-            except TimeoutError:
-                if packets:
-                    break
+        packets = _collect_hep(collector)
     finally:
         collector.close()
         if server is not None:
             server.kx.stop()
-    traced = [m for m in calls.messages()]
-    payloads = [packet.payload for packet in packets]
-    sip_port = server.kx.port
-    assert all(packet.agent_id == 4242 and packet.payload_type == 1 for packet in packets)
-    # Every message SIPp sent or received crossed kx-sipd's SIP port: each has its packet,
-    # in the right direction.
-    for message in traced:
+    _check_hep(packets, calls, server.kx.port, agent_id=4242)
+
+
+def _collect_hep(collector: socket.socket) -> list[Any]:
+    """HEP packets until the collector has been quiet for 0.5 s (bounded)."""
+    collector.settimeout(0.5)
+    packets = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            packets.append(decode_hep(collector.recv(65535)))
+        except TimeoutError:
+            if packets:
+                break
+    return packets
+
+
+def _check_hep(packets: list[Any], calls: Sipp, sip_port: int, *, agent_id: int) -> None:
+    """Every message SIPp sent or received crossed kx-sipd's SIP port: each has its HEP
+    packet, in the right direction, with the payload as it was on the wire."""
+    assert all(p.agent_id == agent_id and p.payload_type == 1 for p in packets)
+    for message in calls.messages():
         first_line = message.first_line.encode()
+        ours = (HOST, sip_port)
         matching = [
             packet
             for packet in packets
             if packet.payload.startswith(first_line)
-            and (packet.destination if message.direction == "sent" else packet.source)
-            == (HOST, sip_port)
+            and (packet.destination if message.direction == "sent" else packet.source) == ours
         ]
-        assert matching, (message.first_line, [p[:40] for p in payloads])
+        assert matching, (message.first_line, [p.payload[:40] for p in packets])
     invites = [p for p in packets if p.payload.startswith(b"INVITE ")]
     assert len(invites) == 2 and all(p.protocol == 17 and p.family == 2 for p in invites)
+    assert all(p.seconds > 1_600_000_000 and 0 <= p.micros < 1_000_000 for p in packets)
+
+
+class _Relay:
+    """Media ports on paper: the echo call's SDP needs an allocation, no RTP flows."""
+
+    def allocate(self, call_ref: str, *, a_peer: Address | None, echo: bool) -> MediaAllocation:
+        return MediaAllocation(
+            call_ref=call_ref, a_address=HOST, a_port=20000, b_address=HOST, b_port=20002
+        )
+
+    def update(self, call_ref: str, *, a_peer: Address | None, b_peer: Address | None) -> None:
+        return None
+
+    def release(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:
+        return None, None
+
+    def expired(self) -> list[tuple[str, str]]:
+        return []
+
+
+@pytest.mark.parametrize("engine_driver", ["anyio-asyncio", "anyio-trio", "socket"])
+def test_each_driver_streams_hep_during_a_call(engine_driver: str, tmp_path: Path) -> None:
+    """The same, with the engine served in this process by each driver and its HepTrace
+    (what ``serve --hep`` wires), so both drivers are held to it."""
+    store = Store(str(_database(tmp_path)))
+    port = free_port(tcp_too=True)
+    engine = Engine(
+        EngineConfig(realm=store.realm, nonce_secret=store.nonce_secret, sip_address=(HOST, port)),
+        entropy=os.urandom,
+    )
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind((HOST, 0))
+    hep = HepTrace(collector.getsockname(), agent_id=77, ours=(HOST, port))
+    listen = {"listen": ((HOST, port),), "handle_signals": False}
+
+    def call() -> Sipp:
+        calls = _sipp("hep", "uac_call_auth.xml", (HOST, port), tmp_path, 1, "-s", "9196")
+        calls.start()
+        calls.wait(WAIT)
+        calls.assert_ok()
+        return calls
+
+    try:
+        if engine_driver.startswith("anyio-"):
+            server = io_anyio.Server(
+                engine,
+                store=store,
+                relay=_Relay(),
+                options=io_anyio.DriverOptions(**listen),
+                trace=hep,
+            )
+            backend = engine_driver.removeprefix("anyio-")
+            with anyio.from_thread.start_blocking_portal(backend) as portal:
+                future, _addresses = portal.start_task(server.serve)
+                try:
+                    calls = call()
+                finally:
+                    portal.call(server.shutdown)
+                    future.result(timeout=60)
+        else:
+            blocking = io_socket.Server(
+                engine,
+                store=store,
+                relay=_Relay(),
+                options=io_socket.DriverOptions(**listen),
+                trace=hep,
+            )
+            bound = threading.Event()
+            thread = threading.Thread(
+                target=lambda: blocking.serve(started=lambda _a: bound.set()), daemon=True
+            )
+            thread.start()
+            assert bound.wait(WAIT)
+            try:
+                calls = call()
+            finally:
+                blocking.shutdown()
+                thread.join(60)
+        packets = _collect_hep(collector)
+    finally:
+        collector.close()
+        hep.close()
+        store.close()
+    _check_hep(packets, calls, port, agent_id=77)
+    assert hep.counters["packets"] == len(packets)
