@@ -272,3 +272,22 @@ def test_pcap_of_no_messages_is_a_valid_empty_capture() -> None:
     assert write_pcap(buffer, ladder_frames([_record()], ours=("127.0.0.1", 5060))) == 0
     assert buffer.getvalue()[:4] == struct.pack("<I", 0xA1B2C3D4)
     assert len(buffer.getvalue()) == 24
+
+
+def test_hep_trace_writes_ipv4_mapped_peers_as_ipv4() -> None:
+    collector = _collector()
+    trace = HepTrace(collector.getsockname(), agent_id=1, ours=("127.0.0.1", 5060))
+    try:
+        trace.received(
+            OK.encode(),
+            source=("::ffff:192.0.2.7", 5062),
+            local=("127.0.0.1", 5060),
+            transport=Transport.UDP,
+            connection=None,
+            wall=1.0,
+        )
+        packet = decode_hep(collector.recv(65535))
+    finally:
+        trace.close()
+        collector.close()
+    assert packet.family == 2 and packet.source == ("192.0.2.7", 5062)
