@@ -5,6 +5,7 @@ SIP ladder as a pcap file, from the database)."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -14,6 +15,7 @@ from sansio_sip import Address
 from ._cli_common import (
     CONTEXT,
     AddressType,
+    F,
     cell,
     db_option,
     echo_json,
@@ -31,7 +33,7 @@ __all__ = ["bans", "calls_pcap", "status"]
 _DEFAULT = format_address(DEFAULT_CONTROL)
 
 
-def control_option() -> Any:
+def control_option() -> Callable[[F], F]:
     return click.option(
         "--control",
         type=AddressType(),
