@@ -9,6 +9,7 @@ if command -v apt-get >/dev/null 2>&1; then
   command -v sipsak >/dev/null 2>&1 || need+=(sipsak)
   command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
   command -v linphonec >/dev/null 2>&1 || need+=(linphone-cli)
+  command -v svcrack >/dev/null 2>&1 || need+=(sipvicious)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -459,3 +459,27 @@ def running(directory: Path, *extra: str, **kwargs: object) -> Iterator[KxServer
         yield server
     finally:
         server.stop()
+
+
+SIPP_DIR = Path(__file__).resolve().parent / "sipp"
+
+
+def sipp(
+    scenario: str, target: Address, *, service: str = "alice", password: str = "alice-secret",
+    local_ip: str = "127.0.0.1", rate: float = 5.0, calls: int = 10, directory: Path,
+    timeout: float = 60.0, extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run SIPp (UAC) with ``tests/robustness/sipp/<scenario>`` to completion,
+    bounded by ``-m calls`` and ``timeout``; its exit status is 0 when every
+    call succeeded."""
+    command = [
+        "sipp", "-sf", str(SIPP_DIR / scenario), "-i", local_ip, "-p", "0",
+        "-s", service, "-au", service, "-ap", password, "-r", f"{rate:g}", "-m", str(calls),
+        "-nostdin", "-timeout", f"{timeout:g}s", "-timeout_error", "-recv_timeout", "10000",
+        "-trace_err", "-error_file", str(directory / f"sipp-{scenario}-{local_ip}.err"),
+        *extra, f"{target[0]}:{target[1]}",
+    ]  # fmt: skip
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout + 30, cwd=directory,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
