@@ -62,6 +62,25 @@ Supported and a pjsua call works without refreshes), no outbound."""
 
 _ACCEPT = "application/sdp"
 
+_COUNTED_METHODS = frozenset(
+    {
+        "REGISTER",
+        "OPTIONS",
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "PRACK",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "PUBLISH",
+        "INFO",
+        "REFER",
+        "MESSAGE",
+        "UPDATE",
+    }
+)
+
 
 @attrs.define(slots=True)
 class _PendingAuth:
@@ -371,7 +390,10 @@ class Engine:
             self._counters["dropped_scanner"] += 1
             return
         self._counters["requests_in"] += 1
-        self._counters[f"requests_in.{message.method}"] += 1
+        # Counters are keyed by method only for the methods of RFC 3261 and its
+        # common extensions: a peer inventing method names must not grow the table.
+        method_key = message.method if message.method in _COUNTED_METHODS else "other"
+        self._counters[f"requests_in.{method_key}"] += 1
         try:
             self._on_request(message, source, transport, connection, now, wall, out)
         except RemoteProtocolError as error:

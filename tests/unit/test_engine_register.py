@@ -268,3 +268,12 @@ def test_engine_is_idle_once_answers_only_linger_for_retransmissions() -> None:
     _register(h, Phone())
     assert h.engine.stats()["transactions"] > 0  # Timer J keeps them absorbing
     assert h.engine.idle
+
+
+def test_invented_methods_do_not_grow_the_counters() -> None:
+    h = Harness.make()
+    for i in range(200):
+        h.receive(Phone(call_id=f"m{i}@x").request(f"X{i}METHOD"))
+    keys = [k for k in h.engine.stats() if k.startswith("requests_in.")]
+    assert keys == ["requests_in.other"]
+    assert h.engine.stats()["requests_in.other"] == 200
