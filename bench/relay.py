@@ -311,6 +311,12 @@ COLUMNS = (
 )
 
 
+def added(value: float, reference: float) -> str:
+    """Relay minus direct latency; a negative difference means the direct run was noisier."""
+    difference = round(value - reference, 1)
+    return f"{difference} us" if difference >= 0 else f"<0 us (direct noisier by {-difference} us)"
+
+
 def show(result: dict[str, Any]) -> None:
     print("  ".join(f"{result.get(c)!s:>13}" for c in COLUMNS), flush=True)
 
@@ -406,9 +412,10 @@ def main() -> int:
             r = phase1[name]
             summary.append(
                 f"{name:>5} @ {r['calls']} calls: {r['delivered_pps']} pps delivered, "
-                f"loss {r['loss_pct']} %, added latency p50 {round(r['p50_us'] - d['p50_us'], 1)} us"
-                f" / p99 {round(r['p99_us'] - d['p99_us'], 1)} us (direct p50 {d['p50_us']} / "
-                f"p99 {d['p99_us']} us), relay CPU {r['relay_us_per_pkt']} us/packet"
+                f"loss {r['loss_pct']} %, p50 {r['p50_us']} / p99 {r['p99_us']} us, added "
+                f"p50 {added(r['p50_us'], d['p50_us'])} / p99 {added(r['p99_us'], d['p99_us'])} "
+                f"(direct p50 {d['p50_us']} / p99 {d['p99_us']} us), "
+                f"relay CPU {r['relay_us_per_pkt']} us/packet"
             )
 
     if 2 in phases:
@@ -431,8 +438,8 @@ def main() -> int:
             extra = ""
             if direct_top and direct_top["calls"] == b["calls"]:
                 extra = (
-                    f", added p50 {round(b['p50_us'] - direct_top['p50_us'], 1)} us / "
-                    f"p99 {round(b['p99_us'] - direct_top['p99_us'], 1)} us"
+                    f", added p50 {added(b['p50_us'], direct_top['p50_us'])} / "
+                    f"p99 {added(b['p99_us'], direct_top['p99_us'])}"
                 )
             summary.append(
                 f"{name:>5} largest N held: {b['calls']} calls, {b['delivered_pps']} pps, "
