@@ -440,7 +440,10 @@ class Server:
                 case AllocateMedia():
                     self._start(self._allocate_media, action)
                 case UpdateMedia():
-                    self._start(self._update_media, action)
+                    # The relay must know where the carrier's media goes before the
+                    # client hears the 200 that follows, or its first RTP is lost.
+                    self._start(self._update_media, action, actions[index + 1 :])
+                    return
                 case ReleaseMedia():
                     self._start(self._release_media, action)
                 case CallRecord():
@@ -783,16 +786,16 @@ class Server:
             return
         await self._submit(partial(engine.media_allocated, action.token, allocation), "media")
 
-    async def _update_media(self, action: UpdateMedia) -> None:
-        if self._relay is None:
-            return
-        update = partial(
-            self._relay.update, action.call_ref, a_peer=action.a_peer, b_peer=action.b_peer
-        )
-        try:
-            await self._in_thread(self._options.relay_timeout, update)
-        except Exception as exc:
-            self._backend_failed("relay", "update", exc)
+    async def _update_media(self, action: UpdateMedia, then: Sequence[Action] = ()) -> None:
+        if self._relay is not None:
+            update = partial(
+                self._relay.update, action.call_ref, a_peer=action.a_peer, b_peer=action.b_peer
+            )
+            try:
+                await self._in_thread(self._options.relay_timeout, update)
+            except Exception as exc:
+                self._backend_failed("relay", "update", exc)
+        self._perform(then)
 
     async def _release_media(self, action: ReleaseMedia) -> None:
         if self._relay is None:

@@ -551,11 +551,6 @@ def test_one_pair_per_side_over_two_shards_still_carries_one_call(
 # ------------------------------------------------------------------ first packets
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 200 reaches the client before the relay is told the carrier's media "
-    "address, so RTP sent on the 200 is dropped (dropped_no_peer; requests-media_e2e.md)",
-)
 def test_rtp_sent_as_soon_as_the_call_is_answered_reaches_the_carrier(
     main: MediaServer, carrier: Carrier
 ) -> None:
