@@ -465,7 +465,8 @@ SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 
 
 def sipp(
-    scenario: str, target: Address, *, service: str = "alice", password: str = "alice-secret",
+    scenario: str, target: Address, *, service: str = "alice", user: str = "alice",
+    password: str = "alice-secret",
     local_ip: str = "127.0.0.1", rate: float = 5.0, calls: int = 10, directory: Path,
     timeout: float = 60.0, extra: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:  # fmt: skip
@@ -474,7 +475,7 @@ def sipp(
     call succeeded."""
     command = [
         "sipp", "-sf", str(SIPP_DIR / scenario), "-i", local_ip, "-p", "0",
-        "-s", service, "-au", service, "-ap", password, "-r", f"{rate:g}", "-m", str(calls),
+        "-s", service, "-au", user, "-ap", password, "-r", f"{rate:g}", "-m", str(calls),
         "-nostdin", "-timeout", f"{timeout:g}s", "-timeout_error", "-recv_timeout", "10000",
         "-trace_err", "-error_file", str(directory / f"sipp-{scenario}-{local_ip}.err"),
         *extra, f"{target[0]}:{target[1]}",
@@ -483,3 +484,36 @@ def sipp(
         command, capture_output=True, text=True, timeout=timeout + 30, cwd=directory,
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def start_sipp(scenario: str, *args: str, directory: Path, name: str) -> subprocess.Popen[bytes]:
+    """SIPp in the background (``tests/robustness/sipp/<scenario>``); the
+    caller stops it with ``stop_process``."""
+    command = [
+        "sipp", "-sf", str(SIPP_DIR / scenario), "-nostdin", "-trace_err",
+        "-error_file", str(directory / f"sipp-{name}.err"), *args,
+    ]  # fmt: skip
+    with (directory / f"sipp-{name}.out").open("wb") as out:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            cwd=directory,
+        )  # fmt: skip
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM (SIGKILL if it lingers) one process this test started."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+def call_records(db: Path) -> list[object]:
+    """Every call record in the database (CallRecordData), oldest first."""
+    from kx_sipd.store import Store
+
+    with Store(str(db)) as store:
+        return [entry.record for entry in reversed(store.list_calls(limit=None))]
