@@ -29,7 +29,7 @@ from sansio_sip import AccountStore, Address, Engine, EngineConfig, MediaRelay, 
 
 from . import __version__
 from .control import DEFAULT_CONTROL, STORE_PROBE_USER, ControlEndpoint
-from .logging import JsonLogger
+from .logging import JsonLogger, capture_library_logs
 from .metrics import RelayMonitor, ServerMetrics
 from .settings import ServerSettings, format_address
 from .trace import HepTrace
@@ -51,6 +51,9 @@ def run_server(settings: ServerSettings) -> None:
     from .store import RealmMismatch, Store, StoreError
 
     log = JsonLogger(settings.log_level)
+    # The relay client warns through stdlib logging (ports exhausted, a shard
+    # not answering): those must be JSON lines like everything else.
+    capture_library_logs(log, "rtp_relay", "relay.client")
     try:
         store = Store(settings.db, realm=settings.realm)
     except RealmMismatch as exc:

@@ -15,6 +15,7 @@ interleave.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ import orjson
 
 from sansio_sip import Log
 
-__all__ = ["LEVELS", "JsonLogger"]
+__all__ = ["LEVELS", "JsonLogger", "capture_library_logs"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -76,3 +77,30 @@ class JsonLogger:
                 # stderr closed or full (a detached daemon, a broken pipe): logging must never
                 # take the server down with it.
                 pass
+
+
+class _Bridge(logging.Handler):
+    """Turns a library's stdlib log records into JSON lines, so nothing else
+    reaches stderr as plain text (a log shipper would choke on it)."""
+
+    def __init__(self, logger: JsonLogger, event: str) -> None:
+        super().__init__()
+        self._logger = logger
+        self._event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        level = level if level in LEVELS else ("error" if record.levelno >= 40 else "info")
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        self._logger.log(level, self._event, logger=record.name, message=message)
+
+
+def capture_library_logs(logger: JsonLogger, name: str, event: str) -> None:
+    """Route the stdlib logger ``name`` (e.g. "rtp_relay") into ``logger`` as ``event``."""
+    library = logging.getLogger(name)
+    library.handlers = [_Bridge(logger, event)]
+    library.propagate = False
+    library.setLevel(logging.DEBUG if logger.enabled("debug") else logging.INFO)

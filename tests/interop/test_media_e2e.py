@@ -500,11 +500,6 @@ def test_port_exhaustion_answers_503_and_the_server_keeps_serving(
     assert shards[0]["calls"] == 0 and shards[0]["free_pairs"] == 2, shards
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RelayClient's warning 'relay ports exhausted on all N shards' reaches kx-sipd's "
-    "stderr as plain text (stdlib logging's last resort), not a JSON log line",
-)
 def test_the_server_log_stays_json_lines_when_ports_run_out(
     tiny: MediaServer, carrier: Carrier
 ) -> None:
