@@ -34,6 +34,9 @@ ALLOWED_METHODS: tuple[str, ...] = ("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE
 class EngineConfig:
     """Everything the engine needs to know that is not a message.
 
+    ``local_names`` are further host names and addresses that name this
+    server in a Route or Request-URI (listen addresses, a DNS name); the host
+    of ``sip_address`` and the realm always do.
     ``sip_address`` is the address kx-sipd puts in its own Via and Contact
     toward clients and carriers (the advertised public address on a cloud
     host); ``nonce_secret`` signs nonces and must be shared by every process
@@ -43,6 +46,7 @@ class EngineConfig:
     realm: str = "sip.kx21.com"
     nonce_secret: bytes = attrs.field(repr=False)
     sip_address: Address = ("127.0.0.1", 5060)
+    local_names: tuple[str, ...] = ()
     server_name: str = "kx-sipd"
     t1: float = 0.5
     t2: float = 4.0

@@ -44,7 +44,7 @@ from ._errors import ParseError, RemoteProtocolError
 from ._events import ResponseReceived, TransactionTimedOut, TransportFailed
 from ._framing import StreamFramer
 from ._guard import Guard
-from ._headers import NameAddr, parse_contact
+from ._headers import NameAddr, parse_contact, parse_name_addr
 from ._message import Request, Response, parse_message
 from ._model import Account, Address, MediaAllocation, Transport
 from ._seams import Entropy
@@ -477,6 +477,8 @@ class Engine:
         request.to  # noqa: B018
         if len(request.vias) > self.config.max_via_depth:
             raise ParseError("Too many Via headers", 400)
+        if "Route" in request.headers:
+            self._consume_routes(request)
         if not self._transactions.force_rport:
             # Without symmetric routing the response address is read from the
             # stamped request (§18.2.2); with it, only the answers are stamped.
@@ -593,6 +595,40 @@ class Engine:
             return
         # BYE outside a dialog (no To tag).
         self._respond(transaction, request, 481, "Call/Transaction Does Not Exist", now, wall, out)
+
+    def _consume_routes(self, request: Request) -> None:
+        """RFC 3261 §16.4: Route values naming kx-sipd are consumed (softphones
+        set up with it as outbound proxy, guide §4.3); a strict router's
+        request (Request-URI naming us, the destination in the last Route)
+        gets its Request-URI back from that Route."""
+        routes = request.headers.get_all("Route")
+        kept = [value for value in routes if not self._names_us(value)]
+        if kept and self._uri_names_us(request.uri):
+            request.uri = parse_name_addr(kept.pop()).uri
+        elif len(kept) == len(routes):
+            return
+        request.headers.remove("Route")
+        for value in kept:
+            request.headers.add("Route", value)
+
+    def _names_us(self, route: str) -> bool:
+        try:
+            uri = parse_name_addr(route).uri
+        except ParseError:
+            return False
+        return self._uri_names_us(uri)
+
+    def _uri_names_us(self, text: str) -> bool:
+        """A SIP URI without a user part whose host is one of kx-sipd's names."""
+        try:
+            uri = parse_uri(text)
+        except ParseError:
+            return False
+        if not isinstance(uri, SipUri) or uri.user:
+            return False
+        host, port = self.config.sip_address
+        names = {host.lower(), self.config.realm.lower(), *self.config.local_names}
+        return uri.host.lower() in names and uri.port in (None, port)
 
     def _check_request(
         self, request: Request

@@ -430,3 +430,28 @@ def test_a_rejected_call_keeps_its_ladder_for_support() -> None:
         ("in", ["INVITE", "sip:525512345678@sip.kx21.com"]),
         ("out", ["SIP/2.0", "403"]),
     ]
+
+
+def test_route_naming_kx_sipd_is_consumed_and_strict_routing_is_understood() -> None:
+    h = Harness.make(account())
+    phone = Phone()
+    uri = f"sip:{DIGITS}@sip.kx21.com"
+    extra = (("Route", "<sip:sip.kx21.com;lr>"),)
+    first = phone.request("INVITE", uri, body=OFFER, extra=extra)
+    challenge = responses_to(h.receive(first), CLIENT)[-1]
+    phone.cseq += 1
+    second = phone.authorize(phone.request("INVITE", uri, body=OFFER, extra=extra), challenge)
+    [b_invite] = requests_to(h.receive(second), CARRIER)
+    assert b_invite.headers.get("Route") is None
+
+    # An old strict router: Request-URI is the proxy, the destination the last Route.
+    strict = Phone(call_id="strict@x")
+    extra = (("Route", f"<{uri}>"),)
+    first = strict.request("INVITE", "sip:sip.kx21.com", body=OFFER, extra=extra)
+    challenge = responses_to(h.receive(first), CLIENT)[-1]
+    strict.cseq += 1
+    second = strict.authorize(
+        strict.request("INVITE", "sip:sip.kx21.com", body=OFFER, extra=extra), challenge
+    )
+    [b_invite] = requests_to(h.receive(second), CARRIER)
+    assert b_invite.uri == f"sip:{DIGITS}@192.0.2.50:5060"
