@@ -311,7 +311,12 @@ class RelayClient:
                     continue
                 self._misses[index] = 0
                 incarnation = reply.get("inc")
-                stale = [r for r in refs if self._calls[r].incarnation != incarnation]
+                # A call may have been released by another thread during the round trip.
+                stale = [
+                    r
+                    for r in refs
+                    if r in self._calls and self._calls[r].incarnation != incarnation
+                ]
                 if stale:
                     LOG.warning("relay shard %d restarted: %d calls lost", index, len(stale))
                     found += self._forget(stale)
@@ -328,11 +333,14 @@ class RelayClient:
         return found
 
     def _forget(self, refs: list[str]) -> list[tuple[str, str]]:
-        """Drop lost calls (lock held); release() of them then returns no figures."""
+        """Drop lost calls (lock held) and name those still ours; release() of
+        them then returns no figures."""
+        lost = []
         for call_ref in refs:
-            self._calls.pop(call_ref, None)
+            if self._calls.pop(call_ref, None) is not None:
+                lost.append((call_ref, "relay-lost"))
             self._reported.discard(call_ref)
-        return [(call_ref, "relay-lost") for call_ref in refs]
+        return lost
 
     def _placement(self, call_ref: str) -> tuple[_Placement | None, Address | None]:
         with self._lock:

@@ -85,9 +85,9 @@ class RelayConfig:
     @property
     def shard_count(self) -> int:
         """The number of shards, resolving None to the CPU count, and never more
-        shards than port pairs."""
+        shards than whole calls (two port pairs each) fit in the range."""
         wanted = self.shards if self.shards is not None else (os.cpu_count() or 1)
-        return max(1, min(wanted, len(_pairs(self.rtp_range))))
+        return max(1, min(wanted, len(_pairs(self.rtp_range)) // 2))
 
     def shard_control(self, index: int) -> Address:
         """Shard ``index``'s own control address."""
@@ -102,7 +102,14 @@ def _pairs(rtp_range: tuple[int, int]) -> list[int]:
 
 
 def shard_slices(config: RelayConfig) -> list[list[int]]:
-    """The disjoint RTP-port slices, one per shard, as contiguous runs of even ports."""
+    """The disjoint RTP-port slices, one per shard, as contiguous runs of even ports.
+
+    Slices are cut in whole calls (two pairs), so no shard is left with a pair
+    it can never use for a call; an odd last pair goes to the last shard (an
+    echo call needs only one).
+    """
     pairs = _pairs(config.rtp_range)
     count = config.shard_count
-    return [pairs[len(pairs) * i // count : len(pairs) * (i + 1) // count] for i in range(count)]
+    calls = len(pairs) // 2
+    bounds = [2 * (calls * i // count) for i in range(count)] + [len(pairs)]
+    return [pairs[bounds[i] : bounds[i + 1]] for i in range(count)]

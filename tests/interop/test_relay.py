@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -572,5 +573,38 @@ def test_ipv6_control_and_media() -> None:
     finally:
         phone.close()
         carrier.close()
+        client.close()
+        relay.stop()
+
+
+def test_expired_poll_tolerates_a_release_during_its_round_trip(client: RelayClient) -> None:
+    """Another thread's release() may land while expired() waits for replies."""
+    ending, staying = call_ref(), call_ref()
+    client.allocate(ending, a_peer=None, echo=False)
+    client.allocate(staying, a_peer=None, echo=False)
+    original = client._await
+
+    def release_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        replies = original(*args, **kwargs)
+        client.release(ending)
+        return replies
+
+    client._await = release_meanwhile  # type: ignore[method-assign]
+    try:
+        assert client.expired() == []
+    finally:
+        client._await = original  # type: ignore[method-assign]
+    client.release(staying)
+
+
+def test_range_for_one_call_over_two_shards_carries_it() -> None:
+    relay = start(2, shards=2)
+    client = relay.client()
+    try:
+        assert relay.shards == 1
+        client.allocate(call_ref(), a_peer=None, echo=False)
+        with pytest.raises(MediaUnavailable):
+            client.allocate(call_ref(), a_peer=None, echo=False)
+    finally:
         client.close()
         relay.stop()

@@ -95,7 +95,22 @@ def test_slices_are_disjoint_and_cover_the_range() -> None:
     ports = [p for s in slices for p in s]
     assert len(slices) == 3
     assert ports == list(range(20000, 20999, 2))
-    assert all(len(s) in (166, 167) for s in slices)
+    assert [len(s) for s in slices] == [166, 166, 168]  # cut in whole calls (two pairs)
+
+
+@pytest.mark.parametrize(
+    ("rtp_range", "shards", "expected"),
+    [
+        ((28810, 28813), 2, [2]),  # room for one call: one shard holds both pairs
+        ((20000, 20009), 4, [2, 3]),  # 5 pairs: two calls, the odd pair goes to the last shard
+        ((20000, 20001), 2, [1]),  # one pair: an echo call only
+    ],
+)
+def test_small_ranges_never_strand_a_pair(
+    rtp_range: tuple[int, int], shards: int, expected: list[int]
+) -> None:
+    config = RelayConfig(secret=SECRET, rtp_range=rtp_range, shards=shards)
+    assert [len(s) for s in shard_slices(config)] == expected
 
 
 def test_config_refuses_wildcard_advertised_address_and_short_secret() -> None:
