@@ -527,11 +527,6 @@ def split_tiny(tmp_path_factory: pytest.TempPathFactory, carrier: Carrier) -> It
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rtp_relay splits a range of 2 port pairs into 2 shards of 1 pair; a call needs "
-    "2 pairs on one shard, so every call gets 503 (requests-media_e2e.md)",
-)
 def test_one_pair_per_side_over_two_shards_still_carries_one_call(
     split_tiny: MediaServer, carrier: Carrier
 ) -> None:
