@@ -153,6 +153,10 @@ class Engine:
         sent: faults become answers or counted drops.
         """
         out: list[Action] = []
+        if not 0 < source[1] < 65536:
+            # A forged source (port 0) can be answered nowhere: a counted drop.
+            self._counters["dropped_bad_source"] += 1
+            return out
         if self._guard.banned(source[0], now=now):
             # Checked before any parsing: a banned source costs one dict look-up.
             self._counters["dropped_banned"] += 1

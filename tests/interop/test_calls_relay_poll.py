@@ -72,12 +72,6 @@ def client(relay: LocalRelay) -> Iterator[RelayClient]:
         made.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="RelayClient.expired() raises KeyError when a call is released during its "
-    "round trip (self._calls[r] after the lock was dropped)",
-)
 def test_expired_poll_survives_a_release_during_its_round_trip(client: RelayClient) -> None:
     ending = "call-" + os.urandom(6).hex()
     staying = "call-" + os.urandom(6).hex()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from sansio_sip import Engine, EngineConfig, Send, Transport, parse_message
 
 SOURCE = ("198.51.100.7", 40000)
@@ -88,11 +86,6 @@ def test_malformed_requests_cannot_fill_the_transaction_table() -> None:
     assert _statuses(actions) == [200]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: Engine.receive raises ValueError for a datagram from source port 0 "
-    "(requests-hardening.md #5)",
-)
 def test_a_datagram_from_port_zero_is_a_counted_drop() -> None:
     """Found by fuzz/wire.py (forged sources): the answer goes to the source
     port (symmetric routing), and ``Send`` refuses port 0, so the ValueError

@@ -59,11 +59,6 @@ def test_the_server_answers_after_every_batch(server: KxServer) -> None:
     assert stats.get("framing_errors", 0) > 0, stats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a datagram from source port 0 makes Engine.receive raise ValueError "
-    "(Send to port 0) instead of a counted drop (requests-hardening.md #5)",
-)
 def test_no_input_on_the_wire_is_an_engine_bug(tmp_path: Path) -> None:
     """Found by the ``spoofed`` batch: the driver logs ``engine.bug`` (an
     exception escaped ``Engine.receive``) for a request from UDP port 0."""
