@@ -789,7 +789,12 @@ class Server:
     async def _update_media(self, action: UpdateMedia, then: Sequence[Action] = ()) -> None:
         if self._relay is not None:
             update = partial(
-                self._relay.update, action.call_ref, a_peer=action.a_peer, b_peer=action.b_peer
+                self._relay.update,
+                action.call_ref,
+                a_peer=action.a_peer,
+                b_peer=action.b_peer,
+                a_events=action.a_events,
+                b_events=action.b_events,
             )
             try:
                 await self._in_thread(self._options.relay_timeout, update)

@@ -850,7 +850,13 @@ class Server:
         if self._relay is None:
             return
         try:
-            self._relay.update(action.call_ref, a_peer=action.a_peer, b_peer=action.b_peer)
+            self._relay.update(
+                action.call_ref,
+                a_peer=action.a_peer,
+                b_peer=action.b_peer,
+                a_events=action.a_events,
+                b_events=action.b_events,
+            )
         except Exception as exc:
             self._backend_failed("relay", "update", exc)
 

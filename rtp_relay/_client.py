@@ -231,8 +231,17 @@ class RelayClient:
             self._refresh = True
         raise MediaUnavailable("relay shards do not answer")
 
-    def update(self, call_ref: str, *, a_peer: Address | None, b_peer: Address | None) -> None:
-        """Tell the relay the SDP addresses of each side. Raises MediaUnavailable."""
+    def update(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+    ) -> None:
+        """Tell the relay the SDP addresses of each side, and each side's
+        telephone-event payload type. Raises MediaUnavailable."""
         placed, address = self._placement(call_ref)
         if placed is None or address is None:
             raise MediaUnavailable(f"no relay allocation for {call_ref}")
@@ -243,6 +252,8 @@ class RelayClient:
                 call=call_ref,
                 a_peer=list(a_peer) if a_peer else None,
                 b_peer=list(b_peer) if b_peer else None,
+                a_events=a_events,
+                b_events=b_events,
             )
         except _NoReply:
             raise MediaUnavailable("relay shard does not answer") from None

@@ -224,6 +224,9 @@ class Shard:
         """Apply SDP peer addresses to a call's sides."""
         call = self._call(message)
         call.set_peers(_peer(message.get("a_peer")), _peer(message.get("b_peer")))
+        call.set_events(
+            _payload_type(message.get("a_events")), _payload_type(message.get("b_events"))
+        )
         return {"ok": True}
 
     def delete(self, message: dict[str, Any], now: float) -> dict[str, Any]:
@@ -593,3 +596,10 @@ def _raise_fd_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _payload_type(value: Any) -> int | None:
+    """A dynamic RTP payload type (96-127) from a control message, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 96 <= value <= 127:
+        return value
+    return None

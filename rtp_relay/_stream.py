@@ -35,7 +35,9 @@ fed only by static 8 kHz audio payload types (PCMU 0, PCMA 8, CN 13, G729
 18 and their siblings): RFC 4733 telephone-event packets (dynamic PT) repeat
 one timestamp for a whole event (§2.3.5), which the §A.8 estimator would
 read as network delay, so they are counted but not fed to it. Payloads are
-never rewritten: the relay sends exactly the bytes it received.
+never rewritten; the one header change is the telephone-event payload type
+when the two sides number it differently (DESIGN §7: a client that keeps
+sending its offered number after the answer renumbered the events).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ class Stream:
     jitter: float = 0.0
     last_arrival: float = -1.0
     last_ts: int = 0
+    # RFC 4733 payload-type rewrite for packets received here (-1: none)
+    events_from: int = -1
+    events_to: int = -1
 
     def receive(
         self, packet: bytes | bytearray, size: int, source: Address, now: float
@@ -142,6 +147,14 @@ class Stream:
                         self.jitter += ((d if d >= 0.0 else -d) - self.jitter) / 16.0
                     self.last_arrival = arrival
                     self.last_ts = timestamp
+            if (
+                self.events_from >= 0
+                and packet[1] & 0x7F == self.events_from
+                and isinstance(packet, bytearray)
+            ):
+                # DESIGN §7: this side numbers telephone-event differently from
+                # the other; rewrite the number in place, keep the marker bit.
+                packet[1] = (packet[1] & 0x80) | self.events_to
         twin = self.twin
         if twin is None:
             self.dropped_no_peer += 1
@@ -311,6 +324,15 @@ class CallMedia:
             if peer is not None:
                 rtp.set_expected(peer)
                 rtcp.set_expected((peer[0], peer[1] + 1))
+
+    def set_events(self, a_events: int | None, b_events: int | None) -> None:
+        """Each side's telephone-event payload type: packets from a side that
+        carry its own number leave with the other side's (none when equal)."""
+        if a_events is None or b_events is None or a_events == b_events:
+            self.a_rtp.events_from = self.b_rtp.events_from = -1
+            return
+        self.a_rtp.events_from, self.a_rtp.events_to = a_events, b_events
+        self.b_rtp.events_from, self.b_rtp.events_to = b_events, a_events
 
     def last_media(self) -> float:
         """The last time RTP was accepted in either direction (or the allocation time)."""

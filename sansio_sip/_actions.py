@@ -81,11 +81,16 @@ class AllocateMedia:
 @attrs.frozen(kw_only=True)
 class UpdateMedia:
     """Tell the relay where each side's media is expected to come from (from
-    the SDP). The relay still latches to the first real source."""
+    the SDP). The relay still latches to the first real source. ``a_events``
+    and ``b_events`` are the telephone-event payload types each side's SDP
+    declared: a client that keeps sending its own number although the answer
+    renumbered the events gets them rewritten (DESIGN §7)."""
 
     call_ref: str
     a_peer: Address | None = None
     b_peer: Address | None = None
+    a_events: int | None = None
+    b_events: int | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -66,6 +66,7 @@ from ._sdp import (
     media_address,
     parse_sdp,
     rewrite_media,
+    telephone_event,
     without_endpoint_features,
 )
 from ._seams import Entropy
@@ -547,10 +548,17 @@ class CallManager:
                 return
             if call.media is not None and response.body:
                 try:
-                    peer = media_address(parse_sdp(response.body))
+                    carrier_answer: SessionDescription | None = parse_sdp(response.body)
                 except ParseError:
-                    peer = None
-                out.append(UpdateMedia(call_ref=call.ref, b_peer=peer))
+                    carrier_answer = None
+                out.append(
+                    UpdateMedia(
+                        call_ref=call.ref,
+                        b_peer=media_address(carrier_answer) if carrier_answer else None,
+                        a_events=telephone_event(call.original_offer),
+                        b_events=telephone_event(carrier_answer) if carrier_answer else None,
+                    )
+                )
             codec = codec_of(response.body)
             call.record = attrs.evolve(call.record, codec=codec)
             self._answer_a(call, code, response.reason, body, now, wall, out)

@@ -45,6 +45,7 @@ __all__ = [
     "parse_sdp",
     "rewrite_media",
     "serialize_sdp",
+    "telephone_event",
     "without_endpoint_features",
 ]
 
@@ -651,6 +652,19 @@ def rewrite_media(
         else:
             media.append(attrs.evolve(m, lines=tuple(lines)))
     return SessionDescription(lines=tuple(session), media=tuple(media))
+
+
+def telephone_event(sd: SessionDescription) -> int | None:
+    """The payload type of RFC 4733 telephone-event/8000 in the first active
+    audio stream, or None."""
+    index = _active_audio(sd)
+    if index is None:
+        return None
+    m = sd.media[index]
+    for pt in m.formats:
+        if _is_dynamic(pt) and _codec_key(m, pt) == ("TELEPHONE-EVENT", 8000):
+            return int(pt)
+    return None
 
 
 def without_endpoint_features(sd: SessionDescription) -> SessionDescription:

@@ -61,8 +61,19 @@ class MediaRelay(Protocol):
         """Reserve a port pair per side. Idempotent per call_ref. Raises MediaUnavailable."""
         ...
 
-    def update(self, call_ref: str, *, a_peer: Address | None, b_peer: Address | None) -> None:
-        """Record where each side's media is expected from. Raises MediaUnavailable."""
+    def update(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+    ) -> None:
+        """Record where each side's media is expected from, and the payload
+        type each side numbers RFC 4733 telephone-event with (the relay
+        rewrites one into the other when they differ, DESIGN §7). Raises
+        MediaUnavailable."""
         ...
 
     def release(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:

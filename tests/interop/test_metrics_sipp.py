@@ -487,7 +487,15 @@ class _Relay:
             call_ref=call_ref, a_address=HOST, a_port=20000, b_address=HOST, b_port=20002
         )
 
-    def update(self, call_ref: str, *, a_peer: Address | None, b_peer: Address | None) -> None:
+    def update(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+    ) -> None:
         return None
 
     def release(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:

@@ -505,12 +505,6 @@ def test_linphonec_wrong_password(setup: Setup, linphonec_for: Callable[..., Lin
 
 @needs_linphonec
 @needs_sipp
-@pytest.mark.xfail(
-    strict=True,
-    reason="the answer now carries the carrier's telephone-event (101), but linphonec keeps "
-    "sending events under its own offered number (96); needs payload-type rewriting per "
-    "direction in the relay (DESIGN.md §7)",
-)
 def test_linphonec_dtmf_when_carrier_renumbers_telephone_event(
     setup: Setup, linphonec_for: Callable[..., Linphonec], tmp_path: Path
 ) -> None:

@@ -284,7 +284,15 @@ class FakeRelay:
             b_port=20002,
         )
 
-    def update(self, call_ref: str, *, a_peer: Address | None, b_peer: Address | None) -> None:
+    def update(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+    ) -> None:
         return None
 
     def release(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:

@@ -271,3 +271,32 @@ def test_hijack_packets_do_not_keep_a_call_alive() -> None:
     for i in range(1, 100):
         feed(c.a_rtp, rtp(i, ssrc=0x1234), ATTACKER, float(i))
     assert c.check_timeout(now=60.0, media_timeout=60.0)
+
+
+def test_telephone_event_renumbered_per_direction_and_only_when_they_differ() -> None:
+    from rtp_relay._stream import Stream
+
+    a, b = Stream(), Stream()
+    a.twin, b.twin = b, a
+    a.events_from, a.events_to = 96, 101  # the client's number → the carrier's
+    b.events_from, b.events_to = 101, 96
+    b.peer = ("192.0.2.60", 30000)
+    a.peer = ("198.51.100.7", 40000)
+
+    def packet(pt: int, marker: bool = False) -> bytearray:
+        return bytearray(
+            [0x80, (0x80 if marker else 0) | pt, 0, 1, 0, 0, 0, 160, 0, 0, 0, 7]
+        ) + bytes(4)
+
+    event = packet(96, marker=True)
+    assert a.receive(event, len(event), a.peer, 1.0) == b.peer
+    assert event[1] == 0x80 | 101  # renumbered, marker kept
+    audio = packet(0)
+    a.receive(audio, len(audio), a.peer, 1.02)
+    assert audio[1] == 0  # G.711 untouched
+    correct = packet(101)  # a client that already sends the answer's number
+    a.receive(correct, len(correct), a.peer, 1.04)
+    assert correct[1] == 101
+    back = packet(101)
+    b.receive(back, len(back), b.peer, 1.06)
+    assert back[1] == 96
