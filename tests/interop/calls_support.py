@@ -352,10 +352,24 @@ class Sipp:
         if self.process is not None:
             self.returncode = self.process.returncode
 
-    def messages(self) -> list[Traced]:
+    def messages(self, *, retransmissions: bool = False) -> list[Traced]:
+        """What SIPp sent and received, in order. A retransmission is the same
+        bytes again (SIPp's own, or kx-sipd's Timer A/G or 2xx retransmission on
+        a busy machine); it is left out unless asked for, so a flow reads the
+        same however loaded the machine was."""
         if not self.message_file.exists():
             return []
-        return parse_trace(self.message_file.read_text(errors="replace"))
+        traced = parse_trace(self.message_file.read_text(errors="replace"))
+        if retransmissions:
+            return traced
+        seen: set[tuple[str, str]] = set()
+        distinct = []
+        for message in traced:
+            key = (message.direction, message.text)
+            if key not in seen:
+                seen.add(key)
+                distinct.append(message)
+        return distinct
 
     def diagnostics(self) -> str:
         parts = [f"$ {' '.join(self.command)}", f"exit status {self.returncode}"]

@@ -260,7 +260,7 @@ def test_carrier_silent_until_timer_b(kx: KxServer, workdir: Path, carrier_port:
     client.assert_ok()
     assert carrier is not None
     carrier.assert_ok()  # also: no CANCEL came (§9.1), else SIPp fails the call
-    a, b = client.messages(), carrier.messages()
+    a, b = client.messages(), carrier.messages(retransmissions=True)
     assert without_100(statuses(a, "received")) == [401, 408]
     received = [m for m in b if m.direction == "received"]
     assert {m.method for m in received} == {"INVITE"}, [m.first_line for m in received]
