@@ -46,58 +46,60 @@ def test_kill_dash_nine_loses_no_record(tmp_path: Path) -> None:
         "carrier.xml", "-i", "127.0.0.1", "-p", str(carrier_port), "-m", "100",
         directory=tmp_path, name="carrier",
     )  # fmt: skip
-    server = KxServer.start(tmp_path, "--media-timeout", "600", db=db, ipv6=False)
-    relay_children = children_of(server.process.pid)
-    talking = None
     try:
-        finished = sipp(
-            "call.xml", server.address, service="17752180264", directory=tmp_path,
-            calls=FINISHED, rate=5, extra=("-d", "300"),
-        )  # fmt: skip
-        assert finished.returncode == 0, finished.stdout[-3000:]
-        talking = start_sipp(
-            "call.xml", "-i", "127.0.0.1", "-p", "0", "-s", "17752180264", "-au", "alice",
-            "-ap", "alice-secret", "-r", "5", "-m", str(UP), "-d", "120000",
-            f"127.0.0.1:{server.port}", directory=tmp_path, name="talking",
-        )  # fmt: skip
+        server = KxServer.start(tmp_path, "--media-timeout", "600", db=db, ipv6=False)
+        relay_children = children_of(server.process.pid)
+        talking = None
+        try:
+            finished = sipp(
+                "call.xml", server.address, service="17752180264", directory=tmp_path,
+                calls=FINISHED, rate=5, extra=("-d", "300"),
+            )  # fmt: skip
+            assert finished.returncode == 0, finished.stdout[-3000:]
+            talking = start_sipp(
+                "call.xml", "-i", "127.0.0.1", "-p", "0", "-s", "17752180264", "-au", "alice",
+                "-ap", "alice-secret", "-r", "5", "-m", str(UP), "-d", "120000",
+                f"127.0.0.1:{server.port}", directory=tmp_path, name="talking",
+            )  # fmt: skip
 
-        def both_up() -> bool:
-            # Started (an open record) and answered (the 200 relayed to the client).
-            started = [r for r in call_records(db) if r.end_wall is None]  # type: ignore[attr-defined]
-            answered = [
-                e for e in server.log_events()
-                if e.get("event") == "transaction.answered"
-                and e["fields"]["method"] == "INVITE" and e["fields"]["status"] == 200  # type: ignore[index]
-            ]  # fmt: skip
-            return len(started) == UP and len(answered) == FINISHED + UP
+            def both_up() -> bool:
+                # Started (an open record) and answered (the 200 relayed to the client).
+                started = [r for r in call_records(db) if r.end_wall is None]  # type: ignore[attr-defined]
+                answered = [
+                    e for e in server.log_events()
+                    if e.get("event") == "transaction.answered"
+                    and e["fields"]["method"] == "INVITE" and e["fields"]["status"] == 200  # type: ignore[index]
+                ]  # fmt: skip
+                return len(started) == UP and len(answered) == FINISHED + UP
 
-        _wait_for(both_up, 30, "the two long calls to be answered")
-        server.kill()  # SIGKILL: no shutdown, no flush
-    finally:
-        if talking is not None:
-            stop_process(talking)
-        reap(relay_children)
-        server.kill()
+            _wait_for(both_up, 30, "the two long calls to be answered")
+            server.kill()  # SIGKILL: no shutdown, no flush
+        finally:
+            if talking is not None:
+                stop_process(talking)
+            reap(relay_children)
+            server.kill()
 
-    records = call_records(db)
-    done = [r for r in records if r.end_wall is not None]  # type: ignore[attr-defined]
-    assert len(done) == FINISHED, records
-    for record in done:
-        assert record.ended_by == "client" and record.final_status == 200, record  # type: ignore[attr-defined]
-        assert record.answer_wall is not None and record.end_wall >= record.answer_wall  # type: ignore[attr-defined]
-    open_calls = [r for r in records if r.end_wall is None]  # type: ignore[attr-defined]
-    assert len(open_calls) == UP, records
-
-    restarted = KxServer.start(tmp_path, "--media-timeout", "600", db=db, ipv6=False)
-    try:
         records = call_records(db)
-        closed = [r for r in records if r.ended_by == "restart"]  # type: ignore[attr-defined]
-        assert len(closed) == UP, records
-        for record in closed:
-            assert record.end_wall is not None and record.reason, record  # type: ignore[attr-defined]
-            assert record.end_wall >= record.start_wall  # type: ignore[attr-defined]
-        assert len([r for r in records if r.ended_by == "client"]) == FINISHED  # type: ignore[attr-defined]
-        assert all(r.end_wall is not None for r in records)  # type: ignore[attr-defined]
+        done = [r for r in records if r.end_wall is not None]  # type: ignore[attr-defined]
+        assert len(done) == FINISHED, records
+        for record in done:
+            assert record.ended_by == "client" and record.final_status == 200, record  # type: ignore[attr-defined]
+            assert record.answer_wall is not None and record.end_wall >= record.answer_wall  # type: ignore[attr-defined]
+        open_calls = [r for r in records if r.end_wall is None]  # type: ignore[attr-defined]
+        assert len(open_calls) == UP, records
+
+        restarted = KxServer.start(tmp_path, "--media-timeout", "600", db=db, ipv6=False)
+        try:
+            records = call_records(db)
+            closed = [r for r in records if r.ended_by == "restart"]  # type: ignore[attr-defined]
+            assert len(closed) == UP, records
+            for record in closed:
+                assert record.end_wall is not None and record.reason, record  # type: ignore[attr-defined]
+                assert record.end_wall >= record.start_wall  # type: ignore[attr-defined]
+            assert len([r for r in records if r.ended_by == "client"]) == FINISHED  # type: ignore[attr-defined]
+            assert all(r.end_wall is not None for r in records)  # type: ignore[attr-defined]
+        finally:
+            assert restarted.stop() == 0, restarted.log_tail()
     finally:
-        assert restarted.stop() == 0, restarted.log_tail()
         stop_process(carrier)
