@@ -233,6 +233,7 @@ class Server:
         self._counters: Counter[str] = Counter()
         self._records_pending = 0
         self._inline_resume = 0.0
+        self._inline_slow = 0
         self._stopping = False
         self._hurry = anyio.Event()
         self._tasks: anyio.abc.TaskGroup | None = None
@@ -741,12 +742,17 @@ class Server:
             self._submit_soon(partial(engine.account_unavailable, action.token), "account")
             return True
         if time.monotonic() - start > options.inline_budget:
-            self._suspend_inline(start, "slow")
+            self._inline_slow += 1
+            if self._inline_slow >= options.inline_strikes:
+                self._suspend_inline(start, "slow")
+        else:
+            self._inline_slow = 0
         self._counters["store_inline_lookups"] += 1
         self._submit_soon(partial(engine.account_found, action.token, account), "account")
         return True
 
     def _suspend_inline(self, start: float, why: str) -> None:
+        self._inline_slow = 0
         self._inline_resume = time.monotonic() + self._options.inline_cooldown
         self._counters["store_inline_suspended"] += 1
         self._note(

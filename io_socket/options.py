@@ -4,7 +4,7 @@ the bounds it keeps (STYLE.md §10: every queue bounded, every wait under a dead
 io_anyio/options.py declares the same fields, so one set of settings drives
 either driver; the drivers do not import each other (DESIGN.md §1). Fields that
 only the AnyIO driver uses (``input_queue``, ``worker_threads``, ``store_inline``,
-``inline_budget``, ``inline_cooldown``: here every store call is inline) are accepted
+``inline_budget``, ``inline_strikes``, ``inline_cooldown``: here every store call is inline) are accepted
 here and ignored, so that a settings mapping fits both.
 
 Defaults and their reasoning (as in io_anyio):
@@ -53,7 +53,8 @@ class DriverOptions:
     store_timeout: float = 2.0
     store_inline: bool = True
     inline_budget: float = 0.005
-    inline_cooldown: float = 30.0
+    inline_strikes: int = 3
+    inline_cooldown: float = 5.0
     relay_timeout: float = 2.0
     worker_threads: int = 16
     expire_poll: float = 1.0
