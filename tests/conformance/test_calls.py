@@ -31,6 +31,7 @@ import pytest
 from conftest import (
     ACCOUNTS,
     REALM,
+    SUSPENDED,
     SipResponse,
     SipServer,
     challenge_params,
@@ -431,6 +432,7 @@ def test_answered_call_client_hangs_up(server: SipServer, carrier: ScriptedCarri
         digits, final = answered_call(server, carrier, phone)
         # Guide §6.2: 401, then 100 Trying → 180 Ringing → 200 OK.
         assert first_statuses(phone.responses("1 INVITE")) == [401]
+        assert phone.responses("1 INVITE")[0].start == "SIP/2.0 401 Unauthorized"
         assert first_statuses(phone.responses("2 INVITE")) == [100, 180, 200]
         assert final.header("content-type") == "application/sdp"
         bye = phone.bye()
@@ -563,11 +565,12 @@ def test_wrong_password_on_invite_is_403_bad_credentials(
     assert carrier.invites_for(digits) == []
 
 
-def test_unknown_user_on_invite_is_403_unknown_user(
-    server: SipServer, carrier: ScriptedCarrier
+@pytest.mark.parametrize("user", ["nobody", *SUSPENDED])
+def test_unknown_or_suspended_user_on_invite_is_403_unknown_user(
+    server: SipServer, carrier: ScriptedCarrier, user: str
 ) -> None:
     digits = new_digits()
-    final = invite_as(server, "nobody", "whatever", digits)
+    final = invite_as(server, user, SUSPENDED.get(user, "whatever"), digits)
     assert final.start == "SIP/2.0 403 Unknown user"
     assert carrier.invites_for(digits) == []
 
