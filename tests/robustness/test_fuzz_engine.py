@@ -117,3 +117,29 @@ def test_a_carrier_silent_after_ringing_leaves_no_transaction() -> None:
         HARNESS.KIND_CARRIER_ANSWER, select=1
     )
     HARNESS.one_input(script)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine: CallManager._recent_starts keeps every call start time for ever for an "
+    "account without max_cps (trimmed only by the max_cps check) (requests-hardening.md #7)",
+)
+def test_call_start_times_do_not_pile_up() -> None:
+    """Found while looking for the soak's memory growth: one float per call
+    per account, never trimmed when the account has no calls-per-second limit."""
+    driver = HARNESS.Driver()
+    invite = HARNESS._request("INVITE", f"sip:17752180264@{HARNESS.REALM}", body=HARNESS.OFFER)
+    for i in range(20):
+        unique = invite.replace(b"seed-invite", b"pile%d" % i)
+        script = (
+            HARNESS.record(HARNESS.KIND_AUTH, unique)
+            + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
+            + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=0)
+            + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=1)
+            + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
+            + HARNESS.record(HARNESS.KIND_TIME, length=6000)
+        )
+        for control, length, payload in HARNESS.records(script):
+            driver.step(control, length, payload)
+    assert driver.engine.stats()["calls.ended.client"] >= 10
+    assert len(driver.engine._calls._recent_starts.get("alice", ())) <= 2
