@@ -182,7 +182,9 @@ class CallManager:
         self._by_media_token: dict[int, Call] = {}
         self._per_account: Counter[str] = Counter()
         self._recent_starts: dict[str, deque[float]] = {}
-        self._timers: list[tuple[float, int, Call]] = []
+        # (deadline, seq, call_ref): refs, not calls, so an ended call is freed
+        # at once although its entries wait in the heap for their deadline.
+        self._timers: list[tuple[float, int, str]] = []
         self._timer_seq = 0
 
     @property
@@ -285,7 +287,9 @@ class CallManager:
         self._calls[call.ref] = call
         self._by_dialog[(a_leg.call_id, a_leg.local_tag)] = (call, "A")
         self._per_account[account.username] += 1
-        self._recent_starts.setdefault(account.username, deque()).append(now)
+        if account.max_cps is not None:
+            # Kept only where a calls-per-second limit needs them (trimmed by _check).
+            self._recent_starts.setdefault(account.username, deque()).append(now)
         self._counters["calls.started"] += 1
         self._ladder(call, "in", "A", source, transport, bytes(request), wall)
         self._arm(call, call.hangup_deadline)
@@ -1193,17 +1197,26 @@ class CallManager:
 
     def _arm(self, call: Call, deadline: float) -> None:
         self._timer_seq += 1
-        heapq.heappush(self._timers, (deadline, self._timer_seq, call))
+        heapq.heappush(self._timers, (deadline, self._timer_seq, call.ref))
+        if len(self._timers) > 4 * len(self._calls) + 64:
+            # Entries of ended calls wait for their deadline (a 4-hour hang-up
+            # timer, say); drop them once they outnumber the live ones
+            # (amortised, so the heap stays bounded: DESIGN §7).
+            live = self._calls
+            self._timers = [entry for entry in self._timers if entry[2] in live]
+            heapq.heapify(self._timers)
 
     def next_timer(self) -> float | None:
-        while self._timers and self._timers[0][2].state is CallState.ENDED:
-            heapq.heappop(self._timers)
-        return self._timers[0][0] if self._timers else None
+        timers, live = self._timers, self._calls
+        while timers and timers[0][2] not in live:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
 
     def handle_timer(self, *, now: float, wall: float, out: list[Action]) -> None:
         while self._timers and self._timers[0][0] <= now:
-            _, _, call = heapq.heappop(self._timers)
-            if call.state is CallState.ENDED:
+            _, _, ref = heapq.heappop(self._timers)
+            call = self._calls.get(ref)
+            if call is None or call.state is CallState.ENDED:
                 continue
             self._call_timer(call, now, wall, out)
 

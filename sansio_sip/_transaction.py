@@ -151,6 +151,9 @@ _TRANSITIONS: dict[tuple[Machine, TransactionState, _Input], tuple[TransactionSt
     (_IC, _S.CALLING, _I.FAILURE): (_S.COMPLETED, _E.ACK_AND_PASS_UP),
     (_IC, _S.CALLING, _I.TRANSPORT_ERROR): (_S.TERMINATED, _E.FAIL_TRANSPORT),
     (_IC, _S.PROCEEDING, _I.PROVISIONAL): (_S.PROCEEDING, _E.PASS_UP),
+    # §9.1: 64*T1 after a CANCEL with no final answer, the INVITE is given up
+    # (create_client re-arms Timer B when the TU sends the CANCEL).
+    (_IC, _S.PROCEEDING, TimerName.B): (_S.TERMINATED, _E.TIME_OUT),
     (_IC, _S.PROCEEDING, _I.SUCCESS): (_S.ACCEPTED, _E.PASS_UP),
     (_IC, _S.PROCEEDING, _I.FAILURE): (_S.COMPLETED, _E.ACK_AND_PASS_UP),
     (_IC, _S.PROCEEDING, _I.TRANSPORT_ERROR): (_S.TERMINATED, _E.FAIL_TRANSPORT),
@@ -636,6 +639,13 @@ class TransactionLayer:
         if not transport.reliable:
             self._timers.arm(transaction, retransmit, now + self.t1)
         self._timers.arm(transaction, timeout, now + 64 * self.t1)
+        if request.method == "CANCEL":
+            # §9.1: "If no final response is received for the original request
+            # in 64*T1 seconds ... the client SHOULD ... destroy the client
+            # transaction handling the original request."
+            invite = self._clients.get(("client", request.top_via.branch or "", "INVITE"))
+            if invite is not None and invite.state is TransactionState.PROCEEDING:
+                self._timers.arm(invite, TimerName.B, now + 64 * self.t1)
         return transaction, [self._send_request(transaction, transaction.request_bytes)]
 
     def match_client(self, response: Response) -> ClientTransaction | None:

@@ -103,12 +103,6 @@ def test_records_round_trip() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: the B-leg INVITE client transaction stays in Proceeding for ever when the "
-    "carrier rang (180) and then answers neither the INVITE nor the CANCEL sent at Timer C "
-    "(RFC 3261 §9.1: destroy it 64*T1 after the CANCEL) (requests-hardening.md #6)",
-)
 def test_a_carrier_silent_after_ringing_leaves_no_transaction() -> None:
     """Found by fuzz/fuzz_engine.py (5-minute run, drain check): INVITE with
     valid credentials, the carrier answers 180 Ringing and then nothing."""
@@ -119,11 +113,6 @@ def test_a_carrier_silent_after_ringing_leaves_no_transaction() -> None:
     HARNESS.one_input(script)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: CallManager._recent_starts keeps every call start time for ever for an "
-    "account without max_cps (trimmed only by the max_cps check) (requests-hardening.md #7)",
-)
 def test_call_start_times_do_not_pile_up() -> None:
     """Found while looking for the soak's memory growth: one float per call
     per account, never trimmed when the account has no calls-per-second limit."""
@@ -145,12 +134,6 @@ def test_call_start_times_do_not_pile_up() -> None:
     assert len(driver.engine._calls._recent_starts.get("alice", ())) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: an ended call stays referenced from CallManager._timers (lazy deletion) "
-    "until its max-call-duration deadline, 4 h by default: ~25 KB per call held for 4 h "
-    "(requests-hardening.md #8)",
-)
 def test_ended_calls_are_not_held_by_their_timers() -> None:
     """Found by bench/soak.py (RSS +78 % in 10 minutes): every call ended
     normally is kept alive, ladder, transactions and all, by its hang-up
@@ -182,5 +165,7 @@ def test_ended_calls_are_not_held_by_their_timers() -> None:
             driver.step(control, length, payload)
     stats = driver.engine.stats()
     assert stats["calls.ended.client"] >= 5, stats
-    held = [entry for entry in driver.engine._calls._timers if entry[2].state.name == "ENDED"]
-    assert not held, f"{len(held)} ended calls still referenced by the timer heap"
+    calls = driver.engine._calls
+    held = [entry for entry in calls._timers if not isinstance(entry[2], str)]
+    assert not held, f"{len(held)} call objects referenced by the timer heap"
+    assert len(calls._timers) <= 4 * len(calls._calls) + 64  # stale refs are compacted

@@ -14,6 +14,7 @@ import pytest
 from transaction_support import CARRIER, CLIENT, request, response_to, run_timers
 
 from sansio_sip._actions import Send
+from sansio_sip._dialog import make_cancel
 from sansio_sip._errors import LocalProtocolError
 from sansio_sip._events import (
     ResponseReceived,
@@ -155,6 +156,16 @@ def test_every_state_and_input(
         assert txn.state is state
         return
     target, effect = transition
+    if (machine, state, kind) == (Machine.INVITE_CLIENT, S.PROCEEDING, TimerName.B):
+        # §9.1: this Timer B is armed only by the TU's CANCEL of the INVITE.
+        assert kind not in layer.deadlines(txn)
+        assert isinstance(txn, ClientTransaction)
+        cancel = make_cancel(txn.request, user_agent="test")
+        cancelling, _ = layer.create_client(
+            cancel, destination=txn.destination, transport=transport, now=0.0
+        )
+        # The CANCEL itself is answered (its Timer F must not fire with B).
+        layer.receive_response(cancelling, response_to(cancel, 200), now=0.1)
     if isinstance(kind, TimerName) and kind not in layer.deadlines(txn):
         # Listed timers that reliable transports never arm (A, E, G).
         assert transport.reliable and kind in (TimerName.A, TimerName.E, TimerName.G)
