@@ -108,6 +108,7 @@ def _serve_option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_serve_option(
     "max_calls", type=click.IntRange(min=1), default=5000, show_default=True, metavar="N"
 )
+@_serve_option("one_device_per_account", is_flag=True)
 @_serve_option("uniform_auth_failures", is_flag=True)
 @_serve_option(
     "max_message_size",
@@ -153,6 +154,10 @@ def _serve_option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_serve_option("slow_after", type=click.IntRange(min=1), default=5, show_default=True, metavar="N")
 @_serve_option("drop_scanners", is_flag=True)
 @_serve_option("metrics", type=AddressType(), metavar="HOST:PORT")
+@_serve_option("hep", type=AddressType(), metavar="HOST:PORT")
+@_serve_option(
+    "hep_agent_id", type=click.IntRange(min=1), default=2001, show_default=True, metavar="N"
+)
 @_serve_option(
     "store_timeout",
     type=click.FloatRange(min=0, min_open=True),
@@ -176,7 +181,7 @@ def _serve_option(name: str, **kwargs: Any) -> Callable[[F], F]:
 @_serve_option(
     "tcp_idle_timeout",
     type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
+    default=3600.0,
     show_default=True,
     metavar="S",
 )

@@ -247,6 +247,15 @@ class ServerSettings:
         validator=_positive,
         metadata=_doc("Concurrent calls the server accepts; beyond it, 503 with Retry-After."),
     )
+    one_device_per_account: bool = attrs.field(
+        default=False,
+        metadata=_doc(
+            "Refuse (403 Account in use by another device) an account's registration or call "
+            "from a second address while another address used it within the registration "
+            "interval (guide §3: one user per endpoint). Off by default: sharing is then only "
+            "counted, logged and listed by `kx-sipd status`."
+        ),
+    )
     uniform_auth_failures: bool = attrs.field(
         default=False,
         metadata=_doc(
@@ -338,7 +347,24 @@ class ServerSettings:
     )
     metrics: Address | None = attrs.field(
         default=None,
-        metadata=_doc("Serve Prometheus metrics on HOST:PORT (needs prometheus-client)."),
+        metadata=_doc(
+            "HTTP endpoint HOST:PORT serving /metrics (Prometheus), /healthz, and, to loopback "
+            "clients only, /status and /bans (what `kx-sipd status` and `kx-sipd bans` read). "
+            "Omitted, the endpoint listens on 127.0.0.1:9061 (skipped with a warning when that "
+            "port is taken). See docs/operations.md."
+        ),
+    )
+    hep: Address | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "Send a copy of every SIP message in and out to a HEP v3 collector (Homer, "
+            "sngrep -L) at HOST:PORT over UDP. Off by default."
+        ),
+    )
+    hep_agent_id: int = attrs.field(
+        default=2001,
+        validator=_positive,
+        metadata=_doc("Capture agent ID written in every HEP packet (tells kx-sipd hosts apart)."),
     )
     store_timeout: float = attrs.field(
         default=2.0,
@@ -419,6 +445,9 @@ class ServerSettings:
         return {
             "max_calls": self.max_calls,
             "uniform_auth_failures": self.uniform_auth_failures,
+            "one_device_per_account": self.one_device_per_account,
+            # The names a Route or Request-URI may use for this server (§16.4).
+            "local_names": tuple(sorted({host for host, _ in self.listen} - {"0.0.0.0", "::"})),
             "max_message_size": self.max_message_size,
             "max_headers": self.max_headers,
             "max_via_depth": self.max_via_depth,

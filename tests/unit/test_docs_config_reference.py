@@ -221,10 +221,8 @@ def test_an_unknown_key_is_refused(tmp_path: Path) -> None:
         load_with_serve(tmp_path, "max-cals = 3\n")
 
 
-# tcp_idle_timeout: commit d8701c8 moved the setting's default to 3600 s, but the serve
-# option still defaults to 300 s, which is what `kx-sipd serve` runs with
-# (requests-docs.md, kx_sipd/_cli_serve.py, owner: hardening).
-KNOWN_DISAGREEMENTS = {"tcp_idle_timeout"}
+# Settings whose documented default differs from what `kx-sipd serve` runs with (none).
+KNOWN_DISAGREEMENTS: set[str] = set()
 
 
 @pytest.mark.parametrize(
