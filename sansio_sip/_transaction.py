@@ -444,6 +444,14 @@ class TransactionLayer:
         has no parseable Via.
         """
         via = request.top_via
+        stamped = self.stamped_via(via, source)
+        if stamped != via:
+            _replace_top_via(request, str(stamped))
+
+    def stamped_via(self, via: Via, source: Address) -> Via:
+        """``via`` with the ``received``/``rport`` that ``stamp_via`` would write
+        (a pure function of the Via and the source, for callers that already
+        hold the parsed Via)."""
         ip, port = source
         wants_rport = via.has_rport or self.force_rport
         params = list(via.params)
@@ -453,9 +461,7 @@ class TransactionLayer:
             _with_param(params, "received", ip, before="rport")
         if wants_rport:
             _with_param(params, "rport", str(port))
-        stamped = attrs.evolve(via, params=tuple(params))
-        if stamped != via:
-            _replace_top_via(request, str(stamped))
+        return attrs.evolve(via, params=tuple(params))
 
     def match_server(self, request: Request) -> ServerTransaction | None:
         """The server transaction ``request`` belongs to, or None (§17.2.3).

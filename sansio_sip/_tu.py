@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from ._actions import Log
+from ._headers import Via
 from ._message import Request, make_response
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
@@ -28,6 +29,7 @@ class ServerContext:
     to_tag: str | None = None
     final: bool = False
     account: str | None = None  # the username of its credentials, once seen
+    stamped_via: Via | None = None  # the top Via with received/rport, once computed
     call: Any = None  # the _call.Call this transaction belongs to, if any
 
 
@@ -88,7 +90,13 @@ class Responder:
         # §18.2.1 / RFC 3581 §4: received and rport belong in the answer's copy
         # of the top Via; the request itself is left as received (its parsed
         # headers stay cached).
-        self._transactions.stamp_via(response, transaction.source)
+        vias = request.vias
+        if len(vias) == 1:
+            # The usual shape (one Via from a client): stamp the request's
+            # already-parsed Via instead of re-parsing the answer's copy.
+            response.headers.set("Via", str(self._stamped(vias[0], transaction)))
+        else:
+            self._transactions.stamp_via(response, transaction.source)
         self._counters[f"responses_out.{code}"] += 1
         items: list[object] = list(self._transactions.respond(transaction, response, now=now))
         if code >= 200:
@@ -109,6 +117,15 @@ class Responder:
                 )
             )
         return items
+
+    def _stamped(self, via: Via, transaction: ServerTransaction) -> Via:
+        """The stamped top Via, computed once per transaction (a 100 Trying,
+        the final answer and its retransmissions carry the same one)."""
+        context = context_of(transaction)
+        stamped = context.stamped_via
+        if stamped is None:
+            stamped = context.stamped_via = self._transactions.stamped_via(via, transaction.source)
+        return stamped
 
 
 def _format(address: tuple[str, int]) -> str:
