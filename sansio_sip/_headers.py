@@ -27,6 +27,7 @@ from ._uri import AbsoluteUri, SipUri, TelUri, format_host, parse_uri
 
 __all__ = [
     "COMPACT_FORMS",
+    "KNOWN_METHODS",
     "CSeq",
     "NameAddr",
     "Via",
@@ -91,19 +92,22 @@ _VIA = re.compile(
 _PLAIN_PARAMS = (
     rf"(?:;[{_TOKEN_CHARS}]+(?:=(?:[{_TOKEN_CHARS}:]+|\[[0-9A-Fa-f:.]+\]|\"[^\"\\\\;\r\n]*\"))?)*"
 )
-_VIA_PLAIN = re.compile(
+# The fast paths' shapes: a Via's "SIP/2.0/UDP host:port" prefix, and a
+# parameter list made only of token characters, ';' and '=' (checked in one
+# regex call, then split). Anything else takes the full grammar below.
+_VIA_SENT_BY = re.compile(
     r"SIP/2\.0/([A-Za-z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([0-9]{1,5}))?"
-    rf"({_PLAIN_PARAMS})"
 )
+_TOKEN_PARAMS_TEXT = re.compile(rf"[{_TOKEN_CHARS}=;]+")
 # [display-name] <uri> params, with display-name quoted or a run of text.
 _NAME_ADDR_PLAIN = re.compile(
     r'(?:"((?:[^"\\\r\n]|\\[^\r\n])*)"[ \t]*|([^"<]*?)[ \t]*)'
     r'<([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>"]+)>'
     rf"[ \t]*({_PLAIN_PARAMS})"
 )
-_ADDR_SPEC_PLAIN = re.compile(rf'([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>",?;]+)({_PLAIN_PARAMS})')
 _UNESCAPE_QUOTED = re.compile(r"\\(.)", re.DOTALL)
 _URI_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*:[^\s<>\"]+")
+_ADDR_SPEC_URI = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*:[^\s<>\",?;]+")
 _CSEQ_MAX = 2**31 - 1  # RFC 3261 §8.1.1.5: "MUST be expressible as a 32-bit unsigned
 # integer and MUST be less than 2**31"
 
@@ -219,9 +223,16 @@ def _to_int(value: str | None) -> int | None:
 # --------------------------------------------------------------------------- CSeq
 
 
-@attrs.frozen
+# The parsed header values below are immutable by convention rather than by
+# ``frozen=True``: attrs' frozen __init__ sets each field through
+# object.__setattr__, which made building them a fifth of a message parse.
+# They stay hashable (``unsafe_hash``) and equal by value; change one with
+# ``with_params``/``attrs.evolve``, never by assignment.
+
+
+@attrs.define(unsafe_hash=True)
 class CSeq:
-    """CSeq (RFC 3261 §20.16): sequence number and method."""
+    """CSeq (RFC 3261 §20.16): sequence number and method. Immutable by convention."""
 
     number: int
     method: str
@@ -230,19 +241,33 @@ class CSeq:
         return f"{self.number} {self.method}"
 
 
+KNOWN_METHODS = frozenset(
+    {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
+     "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"}
+)  # fmt: skip
+"""Methods of RFC 3261 and its extensions: tokens known without a regex check."""
+
+
 def parse_cseq(value: str) -> CSeq:
     """Parse ``"<number> <method>"``; leading zeros allowed (RFC 4475 wsinv).
 
     Raises ``ParseError("Bad CSeq")`` when the number is not 0..2**31-1 or the
     method is not a token."""
-    parts = value.split()
-    if len(parts) != 2:
-        raise ParseError("Bad CSeq")
-    number, method = parts
-    if not (number.isascii() and number.isdigit()) or len(number) > 12:
-        raise ParseError("Bad CSeq")
+    number, _, method = value.partition(" ")
+    if not (number.isascii() and number.isdigit() and len(number) <= 10) or (
+        method not in KNOWN_METHODS and not _TOKEN.fullmatch(method)
+    ):
+        # Not the "<digits> <METHOD>" every stack writes: extra LWS, or an error.
+        parts = value.split()
+        if len(parts) != 2:
+            raise ParseError("Bad CSeq")
+        number, method = parts
+        if not (number.isascii() and number.isdigit()) or len(number) > 12:
+            raise ParseError("Bad CSeq")
+        if not _TOKEN.fullmatch(method):
+            raise ParseError("Bad CSeq")
     n = int(number)
-    if n > _CSEQ_MAX or not _TOKEN.fullmatch(method):
+    if n > _CSEQ_MAX:
         raise ParseError("Bad CSeq")
     return CSeq(n, method)
 
@@ -250,10 +275,11 @@ def parse_cseq(value: str) -> CSeq:
 # --------------------------------------------------------------------------- Via
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)
 class Via:
     """One Via value (RFC 3261 §20.42). ``host`` is an IPv6 literal without
-    brackets where one was written; ``transport`` is upper-case."""
+    brackets where one was written; ``transport`` is upper-case. Immutable by
+    convention: derive changed copies with ``with_params``."""
 
     protocol: str
     transport: str
@@ -321,27 +347,40 @@ def _plain_params(text: str) -> Params:
     return tuple(out)
 
 
+def _token_params(text: str) -> Params | None:
+    """``;a=b;c`` when every name and value is a token (the shape tags,
+    branches and rport take), else None: the caller then applies the full
+    grammar, which accepts LWS, quoted strings and IPv6 values or says what is
+    wrong."""
+    if text[0] != ";" or not _TOKEN_PARAMS_TEXT.fullmatch(text):
+        return None
+    out: list[tuple[str, str | None]] = []
+    for item in text.split(";")[1:]:
+        name, eq, value = item.partition("=")
+        if not name or (eq and (not value or "=" in value)):
+            return None
+        out.append((name, value if eq else None))
+    return tuple(out)
+
+
 def parse_via(value: str) -> Via:
     """Parse one Via value (already split at commas), LWS allowed anywhere the
     grammar allows it (RFC 4475 wsinv). Raises ``ParseError("Bad Via")``."""
-    m = _VIA_PLAIN.fullmatch(value)
+    m = _VIA_SENT_BY.match(value)
     if m is not None:
-        # The form every stack sends: no LWS inside, unquoted parameters.
-        transport, host, port_text, params_text = m.groups()
-        port = None
-        if port_text is not None:
-            port = int(port_text)
-            if port > 65535:
-                raise ParseError("Bad Via")
-        if host[0] == "[":
-            host = host[1:-1]
-        return Via(
-            "SIP/2.0",
-            transport.upper(),
-            host,
-            port,
-            _plain_params(params_text) if params_text else (),
-        )
+        # The form every stack sends: no LWS inside, token parameters.
+        end = m.end()
+        params: Params | None = () if end == len(value) else _token_params(value[end:])
+        if params is not None:
+            transport, host, port_text = m.groups()
+            port = None
+            if port_text is not None:
+                port = int(port_text)
+                if port > 65535:
+                    raise ParseError("Bad Via")
+            if host[0] == "[":
+                host = host[1:-1]
+            return Via("SIP/2.0", transport.upper(), host, port, params)
     m = _VIA.match(value)
     if m is None:
         raise ParseError("Bad Via")
@@ -390,13 +429,13 @@ def _unquote_at(text: str, start: int) -> tuple[str, int]:
 _ANGLE_NEEDED = re.compile(r"[;,?]")
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)
 class NameAddr:
     """A name-addr or addr-spec with header parameters (From, To, Contact,
     Route, Record-Route, Refer-To ...). ``display_name`` is unquoted and
     unescaped (None when absent); ``uri`` is the URI text as written;
     ``params`` are the header parameters; ``angle`` records whether the URI
-    was written between ``<`` and ``>``."""
+    was written between ``<`` and ``>``. Immutable by convention."""
 
     display_name: str | None
     uri: str
@@ -434,7 +473,7 @@ class NameAddr:
         parsed = self._parsed
         if parsed is None:
             parsed = parse_uri(self.uri)
-            object.__setattr__(self, "_parsed", parsed)
+            self._parsed = parsed
         return parsed
 
     def __str__(self) -> str:
@@ -460,20 +499,43 @@ def parse_name_addr(value: str, *, header: str = "name-addr") -> NameAddr:
     without quotes or ``<`` (softphones write UTF-8 names unquoted); they
     are kept with runs of whitespace collapsed to one SP (§25.1: tokens
     separated by LWS). Raises ``ParseError("Bad <header>")``."""
-    m = _NAME_ADDR_PLAIN.fullmatch(value) if "<" in value else None
+    lt = value.find("<")
+    if lt < 0:
+        # addr-spec: every ';' starts a header parameter.
+        semi = value.find(";")
+        params: Params | None
+        if semi < 0:
+            uri, params = value, ()
+        else:
+            uri, params = value[:semi], _token_params(value[semi:])
+        if params is not None and _ADDR_SPEC_URI.fullmatch(uri):
+            return NameAddr(None, uri, params, False)
+        return _parse_name_addr_general(value, header)
+    gt = value.find(">", lt)
+    if gt > 0:
+        # The common shapes by slicing: [display] <uri> and token parameters.
+        uri = value[lt + 1 : gt]
+        params = () if gt + 1 == len(value) else _token_params(value[gt + 1 :])
+        if params is not None and _URI_SHAPE.fullmatch(uri):
+            if lt == 0:
+                return NameAddr(None, uri, params)
+            display = value[:lt]
+            if display[0] == '"':
+                close = display.find('"', 1)
+                if close > 0 and "\\" not in display and not display[close + 1 :].strip(" \t"):
+                    return NameAddr(display[1:close], uri, params)
+            elif '"' not in display:
+                return NameAddr(" ".join(display.split()) or None, uri, params)
+    m = _NAME_ADDR_PLAIN.fullmatch(value)
     if m is not None:
-        # The common shapes: no LWS inside, parameter values without ';'.
+        # Escaped display names, quoted parameter values (+sip.instance="<urn:..>").
         quoted, text, uri, params_text = m.groups()
-        display: str | None = None
+        display_name: str | None = None
         if quoted is not None:
-            display = _UNESCAPE_QUOTED.sub(r"\1", quoted) if "\\" in quoted else quoted
+            display_name = _UNESCAPE_QUOTED.sub(r"\1", quoted) if "\\" in quoted else quoted
         elif text:
-            display = " ".join(text.split()) or None
-        return NameAddr(display, uri, _plain_params(params_text) if params_text else ())
-    m = _ADDR_SPEC_PLAIN.fullmatch(value)
-    if m is not None:
-        uri, params_text = m.groups()
-        return NameAddr(None, uri, _plain_params(params_text) if params_text else (), False)
+            display_name = " ".join(text.split()) or None
+        return NameAddr(display_name, uri, _plain_params(params_text) if params_text else ())
     return _parse_name_addr_general(value, header)
 
 

@@ -208,7 +208,6 @@ def test_duplicate_equal_content_length_is_accepted() -> None:
         (INVITE.replace(b"Call-ID: c1@192.0.2.10\r\n", b""), "Missing Call-ID", 400),
         (INVITE.replace(b"CSeq: 7 INVITE", b"CSeq: 7 BYE"), "CSeq method does not match", 400),
         (INVITE.replace(b"CSeq: 7 INVITE", b"CSeq: 7 INVITE\r\nCSeq: 8 INVITE"), "CSeq", 400),
-        (INVITE.replace(b"t: <sip:bob@example.com>", b"t: <sip:bob@example.com"), "Bad To", 400),
         (INVITE.replace(b"Max-Forwards: 70\r\n", b"Max-Forwards 70\r\n"), "header line", 400),
         (INVITE.replace(b"Max-Forwards", b"Max Forwards"), "header", 400),
         (INVITE.replace(b"Alice", b"Al\xffce"), "Invalid UTF-8", 400),
@@ -226,6 +225,65 @@ def test_refused_requests(data: bytes, reason: str, status: int | None) -> None:
     with pytest.raises(ParseError, match=reason) as info:
         parse_message(data)
     assert info.value.status_code == status
+
+
+@pytest.mark.parametrize(
+    ("data", "accessor", "reason", "status"),
+    [
+        (INVITE.replace(b"t: <sip:bob@example.com>", b"t: <sip:bob@example.com"), "to", "Bad To", 400),
+        (INVITE.replace(b'"Alice" <', b'"Alice <'), "from_", "Bad From", 400),
+        (INVITE.replace(b"branch=z9hG4bK.top;rport", b"branch=z9hG4bK.top;;"), "top_via", "Bad Via", 400),
+        (INVITE.replace(b"10.0.0.1;branch", b"10.0.0.1 junk;branch"), "vias", "Bad Via", 400),
+        (INVITE.replace(b"<sip:alice@192.0.2.10:5060>", b"<sip:alice@192.0.2.10:5060"), "contacts", "Bad Contact", 400),
+        (INVITE.replace(b"INVITE", b"ACK").replace(b"t: <sip:bob@example.com>", b"t: <>"), "to", "Bad To", None),
+    ],
+)  # fmt: skip
+def test_lazily_parsed_headers_raise_from_their_accessor(
+    data: bytes, accessor: str, reason: str, status: int | None
+) -> None:
+    message = parse_message(data)  # parsed on first access, not here
+    with pytest.raises(ParseError, match=reason) as info:
+        getattr(message, accessor)
+    assert info.value.status_code == status
+    with pytest.raises(ParseError, match=reason):
+        getattr(message, accessor)  # a fault is not cached away
+
+
+def test_top_via_alone_and_then_all_vias_agree() -> None:
+    m = parse_request(INVITE.replace(b"10.0.0.1;branch", b"10.0.0.1 junk;branch"))
+    assert m.top_via.branch == "z9hG4bK.top"  # the lower Vias wait for m.vias
+    good = parse_request()
+    assert good.top_via.branch == "z9hG4bK.top"
+    assert [v.branch for v in good.vias] == ["z9hG4bK.top", "z9hG4bK.p1", "z9hG4bK.p2"]
+    assert good.top_via is good.vias[0]
+    fresh = parse_request()
+    assert fresh.vias[0] is fresh.top_via
+
+
+def test_register_contact_is_checked_at_parse_time() -> None:
+    register = (
+        INVITE.replace(b"INVITE sip:bob@example.com", b"REGISTER sip:example.com")
+        .replace(b"7 INVITE", b"7 REGISTER")
+        .replace(b"<sip:alice@192.0.2.10:5060>", b"sip:alice@192.0.2.10?Route=x")
+    )
+    with pytest.raises(ParseError, match="Bad Contact") as info:
+        parse_message(register)
+    assert info.value.status_code == 400
+
+
+def test_fields_split_at_other_separators_equal_the_usual_ones() -> None:
+    usual = parse_request()
+    spaced = parse_request(
+        INVITE.replace(b"Max-Forwards: 70", b"Max-Forwards:70")
+        .replace(b"CSeq: 7 INVITE", b"CSeq :  7 INVITE \t")
+        .replace(b"Supported: 100rel", b"SUPPORTED:\t100rel  ")
+    )
+    assert [(n.lower(), v) for n, v in spaced.headers] == [
+        (n.lower(), v) for n, v in usual.headers
+    ]
+    assert spaced.cseq == usual.cseq
+    assert spaced.max_forwards == 70
+    assert spaced.headers.get_all("supported") == ["replaces", "timer", "100rel"]
 
 
 def test_max_size_parameter() -> None:
@@ -402,6 +460,9 @@ def test_mutated_messages_parse_or_raise_parse_error(at: int, cut: int, insert: 
         message = parse_message(data)
     except ParseError:
         return
-    # Whatever was accepted can be read back and serialised again.
-    message.top_via  # noqa: B018
+    # Whatever was accepted can be read back (or its accessor says what is
+    # wrong) and serialised again.
+    for accessor in ("top_via", "vias", "from_", "to", "contacts", "routes", "call_id", "cseq"):
+        with contextlib.suppress(ParseError):
+            getattr(message, accessor)
     assert parse_message(bytes(message)) == message
