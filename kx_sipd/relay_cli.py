@@ -18,6 +18,8 @@ import orjson
 from rtp_relay import RelayClient, RelayConfig, run_supervisor
 from sansio_sip import MediaUnavailable
 
+from ._cli_common import CONTEXT
+
 __all__ = ["relay"]
 
 SECRET_ENV = "KX_RELAY_SECRET"
@@ -78,12 +80,12 @@ def _with_secret(func: Any) -> Any:
     return func
 
 
-@click.group()
+@click.group(context_settings=CONTEXT)
 def relay() -> None:
     """The RTP relay: run it standalone, or read its figures."""
 
 
-@relay.command()
+@relay.command(context_settings=CONTEXT)
 @click.option(
     "--control",
     default="127.0.0.1:22220",
@@ -153,7 +155,7 @@ def serve(
     sys.exit(run_supervisor(config))
 
 
-@relay.command()
+@relay.command(context_settings=CONTEXT)
 @click.option(
     "--control",
     default="127.0.0.1:22220",
