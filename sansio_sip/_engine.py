@@ -255,16 +255,7 @@ class Engine:
         if pending is None:
             return out
         self._counters["store_unavailable"] += 1
-        self._respond(
-            pending.transaction,
-            pending.request,
-            503,
-            "Service Unavailable",
-            now,
-            wall,
-            out,
-            headers=(("Retry-After", str(self.config.retry_after)),),
-        )
+        self._busy(pending.transaction, pending.request, now, wall, out)
         out.append(
             Log(
                 level="warning",
@@ -521,6 +512,26 @@ class Engine:
             # answer through the transaction, so Timer J (not a leak) ends it.
             self._answer_error(transaction, request, error, now, wall, out)
 
+    def _busy(
+        self,
+        transaction: ServerTransaction,
+        request: Request,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
+        """503 with Retry-After: the store is down or slow, or the server is stopping."""
+        self._respond(
+            transaction,
+            request,
+            503,
+            "Service Unavailable",
+            now,
+            wall,
+            out,
+            headers=(("Retry-After", str(self.config.retry_after)),),
+        )
+
     def _answer_error(
         self,
         transaction: ServerTransaction,
@@ -583,16 +594,7 @@ class Engine:
             )
             return
         if method == "INVITE" and not self._calls.accepting:
-            self._respond(
-                transaction,
-                request,
-                503,
-                "Service Unavailable",
-                now,
-                wall,
-                out,
-                headers=(("Retry-After", str(self.config.retry_after)),),
-            )
+            self._busy(transaction, request, now, wall, out)
             return
         if method in ("INVITE", "REGISTER"):
             self._authenticate(transaction, request, source, transport, connection, now, wall, out)
@@ -747,16 +749,7 @@ class Engine:
         if len(self._pending) >= self.config.max_pending_lookups:
             # The store is not keeping up: answer now rather than queue without bound.
             self._counters["overload_rejected"] += 1
-            self._respond(
-                transaction,
-                request,
-                503,
-                "Service Unavailable",
-                now,
-                wall,
-                out,
-                headers=(("Retry-After", str(self.config.retry_after)),),
-            )
+            self._busy(transaction, request, now, wall, out)
             return
         context_of(transaction).account = credentials.username
         token = self._new_token()
