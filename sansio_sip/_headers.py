@@ -23,7 +23,7 @@ from typing import Literal
 import attrs
 
 from ._errors import ParseError
-from ._uri import AbsoluteUri, SipUri, TelUri, format_host, parse_uri
+from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 
 __all__ = [
     "COMPACT_FORMS",
@@ -92,13 +92,20 @@ _VIA = re.compile(
 _PLAIN_PARAMS = (
     rf"(?:;[{_TOKEN_CHARS}]+(?:=(?:[{_TOKEN_CHARS}:]+|\[[0-9A-Fa-f:.]+\]|\"[^\"\\\\;\r\n]*\"))?)*"
 )
-# The fast paths' shapes: a Via's "SIP/2.0/UDP host:port" prefix, and a
-# parameter list made only of token characters, ';' and '=' (checked in one
-# regex call, then split). Anything else takes the full grammar below.
-_VIA_SENT_BY = re.compile(
-    r"SIP/2\.0/([A-Za-z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([0-9]{1,5}))?"
+# The fast paths' shapes: what stacks actually send, matched and captured by
+# one regex call each, with at most three parameters whose names and values
+# are tokens (;branch=..;rport;received=.., ;tag=.., ;lr). Anything else --
+# LWS, quoted strings, IPv6 values, more parameters, errors -- takes the full
+# grammar below, which gives the same result or says what is wrong.
+_P3 = rf"(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+))?)?" * 3
+_VIA_COMMON = re.compile(
+    r"SIP/2\.0/([A-Za-z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([0-9]{1,5}))?" + _P3
 )
-_TOKEN_PARAMS_TEXT = re.compile(rf"[{_TOKEN_CHARS}=;]+")
+# After the '<': the URI, '>', parameters.
+_ANGLE_URI_COMMON = re.compile(r'([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>"]+)>' + _P3)
+# addr-spec: the URI may not hold ',' '?' ';' (RFC 3261 §20.10).
+_ADDR_SPEC_COMMON = re.compile(r'([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>",?;]+)' + _P3)
+_TRANSPORTS = frozenset({"UDP", "TCP", "TLS", "SCTP", "WS", "WSS"})
 # [display-name] <uri> params, with display-name quoted or a run of text.
 _NAME_ADDR_PLAIN = re.compile(
     r'(?:"((?:[^"\\\r\n]|\\[^\r\n])*)"[ \t]*|([^"<]*?)[ \t]*)'
@@ -107,7 +114,6 @@ _NAME_ADDR_PLAIN = re.compile(
 )
 _UNESCAPE_QUOTED = re.compile(r"\\(.)", re.DOTALL)
 _URI_SHAPE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*:[^\s<>\"]+")
-_ADDR_SPEC_URI = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*:[^\s<>\",?;]+")
 _CSEQ_MAX = 2**31 - 1  # RFC 3261 §8.1.1.5: "MUST be expressible as a 32-bit unsigned
 # integer and MUST be less than 2**31"
 
@@ -190,6 +196,27 @@ def _lookup(params: Params, name: str) -> str | None:
         if key == name or key.lower() == lname:
             return value
     return None
+
+
+def _lookup_lower(params: Params, lname: str) -> str | None:
+    """``_lookup`` for a lower-case name: no lower() unless the case differs."""
+    for key, value in params:
+        if key == lname or key.lower() == lname:
+            return value
+    return None
+
+
+def _three_params(
+    n1: str | None, v1: str | None, n2: str | None, v2: str | None, n3: str | None, v3: str | None
+) -> Params:
+    """The parameters a ``_P3`` group captured, in order."""
+    if n1 is None:
+        return ()
+    if n2 is None:
+        return ((n1, v1),)
+    if n3 is None:
+        return ((n1, v1), (n2, v2))
+    return ((n1, v1), (n2, v2), (n3, v3))
 
 
 def _has(params: Params, name: str) -> bool:
@@ -297,16 +324,16 @@ class Via:
 
     @property
     def branch(self) -> str | None:
-        return _lookup(self.params, "branch")
+        return _lookup_lower(self.params, "branch")
 
     @property
     def received(self) -> str | None:
-        return _lookup(self.params, "received")
+        return _lookup_lower(self.params, "received")
 
     @property
     def rport(self) -> int | None:
         """The rport value (RFC 3581 §4), None when absent or written bare."""
-        return _to_int(_lookup(self.params, "rport"))
+        return _to_int(_lookup_lower(self.params, "rport"))
 
     @property
     def has_rport(self) -> bool:
@@ -315,16 +342,18 @@ class Via:
 
     @property
     def maddr(self) -> str | None:
-        return _lookup(self.params, "maddr")
+        return _lookup_lower(self.params, "maddr")
 
     @property
     def ttl(self) -> int | None:
-        return _to_int(_lookup(self.params, "ttl"))
+        return _to_int(_lookup_lower(self.params, "ttl"))
 
     @property
     def sent_by(self) -> str:
         """``host[:port]`` (IPv6 in brackets), as written in the Via."""
-        host = format_host(self.host)
+        host = self.host
+        if ":" in host:
+            host = f"[{host}]"  # format_host, inline: read on every message
         return host if self.port is None else f"{host}:{self.port}"
 
     def with_params(self, *pairs: tuple[str, str | None], **kwargs: str | None) -> Via:
@@ -347,40 +376,22 @@ def _plain_params(text: str) -> Params:
     return tuple(out)
 
 
-def _token_params(text: str) -> Params | None:
-    """``;a=b;c`` when every name and value is a token (the shape tags,
-    branches and rport take), else None: the caller then applies the full
-    grammar, which accepts LWS, quoted strings and IPv6 values or says what is
-    wrong."""
-    if text[0] != ";" or not _TOKEN_PARAMS_TEXT.fullmatch(text):
-        return None
-    out: list[tuple[str, str | None]] = []
-    for item in text.split(";")[1:]:
-        name, eq, value = item.partition("=")
-        if not name or (eq and (not value or "=" in value)):
-            return None
-        out.append((name, value if eq else None))
-    return tuple(out)
-
-
 def parse_via(value: str) -> Via:
     """Parse one Via value (already split at commas), LWS allowed anywhere the
     grammar allows it (RFC 4475 wsinv). Raises ``ParseError("Bad Via")``."""
-    m = _VIA_SENT_BY.match(value)
+    m = _VIA_COMMON.fullmatch(value)
     if m is not None:
-        # The form every stack sends: no LWS inside, token parameters.
-        end = m.end()
-        params: Params | None = () if end == len(value) else _token_params(value[end:])
-        if params is not None:
-            transport, host, port_text = m.groups()
-            port = None
-            if port_text is not None:
-                port = int(port_text)
-                if port > 65535:
-                    raise ParseError("Bad Via")
-            if host[0] == "[":
-                host = host[1:-1]
-            return Via("SIP/2.0", transport.upper(), host, port, params)
+        transport, host, port_text, n1, v1, n2, v2, n3, v3 = m.groups()
+        port = None
+        if port_text is not None:
+            port = int(port_text)
+            if port > 65535:
+                raise ParseError("Bad Via")
+        if host[0] == "[":
+            host = host[1:-1]
+        if transport not in _TRANSPORTS:
+            transport = transport.upper()
+        return Via("SIP/2.0", transport, host, port, _three_params(n1, v1, n2, v2, n3, v3))
     m = _VIA.match(value)
     if m is None:
         raise ParseError("Bad Via")
@@ -447,7 +458,7 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
-        return _lookup(self.params, "tag")
+        return _lookup_lower(self.params, "tag")
 
     def param(self, name: str) -> str | None:
         """Value of the first header parameter of that name (case-insensitive)."""
@@ -499,33 +510,27 @@ def parse_name_addr(value: str, *, header: str = "name-addr") -> NameAddr:
     without quotes or ``<`` (softphones write UTF-8 names unquoted); they
     are kept with runs of whitespace collapsed to one SP (§25.1: tokens
     separated by LWS). Raises ``ParseError("Bad <header>")``."""
-    lt = value.find("<")
-    if lt < 0:
-        # addr-spec: every ';' starts a header parameter.
-        semi = value.find(";")
-        params: Params | None
-        if semi < 0:
-            uri, params = value, ()
-        else:
-            uri, params = value[:semi], _token_params(value[semi:])
-        if params is not None and _ADDR_SPEC_URI.fullmatch(uri):
-            return NameAddr(None, uri, params, False)
+    display, lt, rest = value.partition("<")
+    if not lt:
+        m = _ADDR_SPEC_COMMON.fullmatch(value)
+        if m is not None:
+            uri, n1, v1, n2, v2, n3, v3 = m.groups()
+            return NameAddr(None, uri, _three_params(n1, v1, n2, v2, n3, v3), False)
         return _parse_name_addr_general(value, header)
-    gt = value.find(">", lt)
-    if gt > 0:
-        # The common shapes by slicing: [display] <uri> and token parameters.
-        uri = value[lt + 1 : gt]
-        params = () if gt + 1 == len(value) else _token_params(value[gt + 1 :])
-        if params is not None and _URI_SHAPE.fullmatch(uri):
-            if lt == 0:
-                return NameAddr(None, uri, params)
-            display = value[:lt]
-            if display[0] == '"':
-                close = display.find('"', 1)
-                if close > 0 and "\\" not in display and not display[close + 1 :].strip(" \t"):
-                    return NameAddr(display[1:close], uri, params)
-            elif '"' not in display:
-                return NameAddr(" ".join(display.split()) or None, uri, params)
+    # (A quote after '<' is a quoted parameter value: the regex path below.)
+    m = None if '"' in rest else _ANGLE_URI_COMMON.fullmatch(rest)
+    if m is not None:
+        uri, n1, v1, n2, v2, n3, v3 = m.groups()
+        if not display:
+            return NameAddr(None, uri, _three_params(n1, v1, n2, v2, n3, v3))
+        if display[0] == '"':
+            close = display.find('"', 1)
+            if close > 0 and "\\" not in display and not display[close + 1 :].strip(" \t"):
+                params = _three_params(n1, v1, n2, v2, n3, v3)
+                return NameAddr(display[1:close], uri, params)
+        elif '"' not in display:
+            params = _three_params(n1, v1, n2, v2, n3, v3)
+            return NameAddr(" ".join(display.split()) or None, uri, params)
     m = _NAME_ADDR_PLAIN.fullmatch(value)
     if m is not None:
         # Escaped display names, quoted parameter values (+sip.instance="<urn:..>").

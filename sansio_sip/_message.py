@@ -136,11 +136,20 @@ _DATE = re.compile(
 )
 _FOLD = re.compile(r"\r\n[ \t]+")
 
+_REQUIRED = (
+    ("via", "Via"),
+    ("from", "From"),
+    ("to", "To"),
+    ("call-id", "Call-ID"),
+    ("cseq", "CSeq"),
+)
+
 _SEP = ": "
 """The separator every stack writes between name and value. A field is kept
 as the triple ``line.partition(": ")`` gives, (name, ": ", value), so the
 parser stores what it split without copying and serialises with one join."""
 _Field = tuple[str, str, str]
+_Index = tuple[list[str], set[str]]
 
 DEFAULT_MAX_SIZE = 65535
 """A UDP datagram cannot carry more; §18.1.1 caps what a UDP sender may use."""
@@ -167,68 +176,62 @@ class Headers:
     ``cseq`` ...) are cached here and dropped by every mutation.
     """
 
-    __slots__ = ("_cache", "_fields", "_first", "_keys")
+    __slots__ = ("_cache", "_fields", "_index")
 
     def __init__(self, fields: Iterable[tuple[str, str]] = ()) -> None:
         self._fields: list[_Field] = []
         for name, value in fields:
             _check_field(name, value)
             self._fields.append((name, _SEP, value))
-        # Lookup keys aligned with _fields, and key -> first position; both
-        # rebuilt on demand after a mutation.
-        self._keys: list[str] | None = None
-        self._first: dict[str, int] | None = None
+        self._index: _Index | None = None
         self._cache: dict[str, Any] = {}
 
     @classmethod
-    def _trusted(
-        cls,
-        fields: list[_Field],
-        keys: list[str] | None = None,
-        first: dict[str, int] | None = None,
-    ) -> Headers:
-        """Build from fields the parser already validated (and their lookup keys)."""
+    def _trusted(cls, fields: list[_Field], index: _Index | None = None) -> Headers:
+        """Build from fields the parser already validated (and their index)."""
         self = cls.__new__(cls)
         self._fields = fields
-        self._keys = keys
-        self._first = first
+        self._index = index
         self._cache = {}
         return self
 
-    def _first_map(self) -> dict[str, int]:
-        first = self._first
-        if first is None:
-            keys = self._keys
-            if keys is None:
-                keys = self._keys = [_key(name) for name, _, _ in self._fields]
-            self._first = first = _first_positions(keys)
-        return first
+    def _get_index(self) -> _Index:
+        """The lookup keys aligned with the fields (interned lower-case long
+        names) and their set, rebuilt on demand after a mutation. A message
+        has a couple of dozen fields at most: a set answers "is it there",
+        and the list, scanned in C, says where; a dict of positions costs more
+        to build than all the look-ups of a message."""
+        index = self._index
+        if index is None:
+            keys = [_key(name) for name, _, _ in self._fields]
+            index = self._index = (keys, set(keys))
+        return index
+
+    def _value_of(self, key: str) -> str | None:
+        """The value of the first field with that lookup key, or None."""
+        keys, present = self._index or self._get_index()
+        return self._fields[keys.index(key)][2] if key in present else None
 
     def _position(self, name: str) -> int | None:
         """Position of the first field of that name, or None."""
-        first = self._first
-        if first is None:
-            first = self._first_map()
-        return first.get(_key(name))
+        keys, present = self._index or self._get_index()
+        key = _key(name)
+        return keys.index(key) if key in present else None
 
     def _positions(self, name: str) -> list[int]:
         """Positions of every field of that name, in order."""
-        first = self._first
-        if first is None:
-            first = self._first_map()
-        key = _key(name)
-        i = first.get(key)
-        if i is None:
+        return self._key_positions(_key(name))
+
+    def _key_positions(self, key: str) -> list[int]:
+        keys, present = self._index or self._get_index()
+        if key not in present:
             return []
-        keys = self._keys
-        assert keys is not None  # built with the map
-        if len(first) == len(keys) or keys.count(key) == 1:
-            return [i]
-        return [j for j, k in enumerate(keys) if k == key]
+        if len(present) == len(keys) or keys.count(key) == 1:
+            return [keys.index(key)]
+        return [i for i, k in enumerate(keys) if k == key]
 
     def _changed(self) -> None:
-        self._keys = None
-        self._first = None
+        self._index = None
         if self._cache:
             self._cache = {}
 
@@ -327,15 +330,10 @@ class Headers:
 
     def copy(self) -> Headers:
         """An independent copy (same fields; caches are not shared)."""
+        index = self._index
         return Headers._trusted(
-            list(self._fields), None if self._keys is None else list(self._keys)
+            list(self._fields), None if index is None else (list(index[0]), set(index[1]))
         )
-
-
-def _first_positions(keys: list[str]) -> dict[str, int]:
-    """key -> position of its first field (reversed, so the first one wins)."""
-    last = len(keys) - 1
-    return dict(zip(reversed(keys), range(last, -1, -1), strict=True))
 
 
 class _Message(abc.ABC):
@@ -382,7 +380,7 @@ class _Message(abc.ABC):
         cache = self.headers._cache
         value = cache.get("cseq")
         if value is None:
-            positions = self.headers._positions("cseq")
+            positions = self.headers._key_positions("cseq")
             if not positions:
                 raise self._fail("Missing CSeq")
             if len(positions) > 1:
@@ -402,7 +400,7 @@ class _Message(abc.ABC):
         if value is None:
             headers = self.headers
             fields = headers._fields
-            positions = headers._positions("via")
+            positions = headers._key_positions("via")
             if not positions:
                 raise self._fail("Missing Via")
             value = []
@@ -424,10 +422,9 @@ class _Message(abc.ABC):
         cache = self.headers._cache
         value = cache.get("top_via")
         if value is None:
-            i = self.headers._position("via")
-            if i is None:
+            text = self.headers._value_of("via")
+            if text is None:
                 raise self._fail("Missing Via")
-            text = self.headers._fields[i][2]
             if "," in text:
                 text = split_header_values(text)[0]
             try:
@@ -438,30 +435,30 @@ class _Message(abc.ABC):
         return value
 
     def _name_addr(self, key: str, label: str) -> NameAddr:
-        cache = self.headers._cache
-        value = cache.get(key)
-        if value is None:
-            positions = self.headers._positions(key)
-            if not positions:
-                raise self._fail(f"Missing {label}")
-            if len(positions) > 1:
-                raise self._fail(f"Bad {label}: more than one")
-            try:
-                value = parse_name_addr(self.headers._fields[positions[0]][2], header=label)
-            except ParseError as exc:
-                raise self._fail(exc.reason) from None
-            cache[key] = value
+        headers = self.headers
+        keys, present = headers._index or headers._get_index()
+        if key not in present:
+            raise self._fail(f"Missing {label}")
+        if len(present) != len(keys) and keys.count(key) > 1:
+            raise self._fail(f"Bad {label}: more than one")
+        try:
+            value = parse_name_addr(headers._fields[keys.index(key)][2], header=label)
+        except ParseError as exc:
+            raise self._fail(exc.reason) from None
+        headers._cache[key] = value
         return value
 
     @property
     def from_(self) -> NameAddr:
         """The From header; ParseError "Missing From" / "Bad From"."""
-        return self._name_addr("from", "From")
+        value: NameAddr | None = self.headers._cache.get("from")
+        return self._name_addr("from", "From") if value is None else value
 
     @property
     def to(self) -> NameAddr:
         """The To header; ParseError "Missing To" / "Bad To"."""
-        return self._name_addr("to", "To")
+        value: NameAddr | None = self.headers._cache.get("to")
+        return self._name_addr("to", "To") if value is None else value
 
     @property
     def contacts(self) -> list[NameAddr | Literal["*"]]:
@@ -470,7 +467,7 @@ class _Message(abc.ABC):
         value = cache.get("contacts")
         if value is None:
             headers = self.headers
-            value = _parse_contacts(headers._fields, headers._positions("contact"), self._fail)
+            value = _parse_contacts(headers._fields, headers._key_positions("contact"), self._fail)
             cache["contacts"] = value
         return value
 
@@ -529,7 +526,7 @@ class _Message(abc.ABC):
         body = self.body
         lines = [self._start_line()]
         lines.extend(map("".join, fields))  # each field is (name, ": ", value)
-        length_at = headers._positions("content-length")
+        length_at = headers._key_positions("content-length")
         if length_at:
             first = length_at[0]
             lines[first + 1] = f"{fields[first][0]}: {len(body)}"
@@ -541,7 +538,7 @@ class _Message(abc.ABC):
         return "\r\n".join(lines).encode("utf-8") + body
 
     def _fields_for_eq(self) -> list[_Field]:
-        skip = set(self.headers._positions("content-length"))
+        skip = set(self.headers._key_positions("content-length"))
         return [f for i, f in enumerate(self.headers._fields) if i not in skip]
 
     def __bytes__(self) -> bytes:
@@ -683,20 +680,32 @@ def _parse_status_line(line: str) -> tuple[str, int, str]:
     return version, int(code), reason
 
 
-def _fix_fields(fields: list[_Field], keys: list[str | None], status: int | None) -> None:
+def _fix_fields(
+    lines: list[str], fields: list[_Field], keys: list[str | None], status: int | None
+) -> tuple[list[str], list[_Field], list[str]]:
     """Redo the lines ``partition(": ")`` did not split into a known name:
-    other spellings of a name ("X-Custom", "TO :", "Via:x"), and bad lines."""
+    other spellings ("X-Custom", "TO :", "Via:x"), folded continuation lines,
+    and bad lines. Returns the (possibly unfolded) lines, fields and keys."""
+    if any(lines[i][:1] in (" ", "\t") for i, key in enumerate(keys) if key is None):
+        # §7.3.1: a line starting with LWS continues the previous field;
+        # unfolding replaces the line break and the LWS with one SP. The start
+        # line cannot be continued.
+        if lines[0][:1] in (" ", "\t"):
+            raise ParseError("Bad header line: continuation of the start line", status)
+        lines = _FOLD.sub(" ", "\r\n".join(lines)).split("\r\n")
+        fields = [line.partition(_SEP) for line in lines]
+        keys = [_KNOWN_NAMES.get(name) for name, _, _ in fields]
     for i, key in enumerate(keys):
         if key is None:
-            line = "".join(fields[i])
-            name, sep, value = line.partition(":")
+            name, sep, value = lines[i].partition(":")
             if not sep:
                 raise ParseError("Bad header line", status)
             name = name.rstrip(" \t")  # "TO :" -- LWS before the colon (RFC 4475 wsinv)
             if not _TOKEN.fullmatch(name):
                 raise ParseError("Bad header name", status)
-            keys[i] = _key(name)
+            keys[i] = intern(_key(name))
             fields[i] = (name, _SEP, value.strip(" \t"))
+    return lines, fields, keys  # type: ignore[return-value]  # every None was replaced
 
 
 def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request | Response:
@@ -708,95 +717,103 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     headers parsed on first access (Via, From, To, Contact, Route ...) are
     raised by those accessors instead, the same way.
     """
-    start = 0
-    while data.startswith(b"\r\n", start):
-        start += 2  # §7.5: CRLFs before the start line are ignored
-    is_response = data.startswith(b"SIP/", start)
+    if data[:2] == b"\r\n":
+        # §7.5: CRLFs before the start line are ignored.
+        start = 2
+        while data.startswith(b"\r\n", start):
+            start += 2
+        data = data[start:]
+    is_response = data[:4] == b"SIP/"
     status: int | None = None if is_response else 400
-    if len(data) - start > max_size:
+    if len(data) > max_size:
         raise ParseError("Message Too Large", None if is_response else 513)
-    if start == len(data):
+    if not data:
         raise ParseError("Empty message", None)
-    head_end = data.find(b"\r\n\r\n", start)
+    head_end = data.find(b"\r\n\r\n")
     if head_end < 0:
         raise ParseError("Missing end of header block", None)
     try:
-        head = data[start:head_end].decode("utf-8")
+        head = data[:head_end].decode()
     except UnicodeDecodeError:
         raise ParseError("Invalid UTF-8", status) from None
-    if "\r\n " in head or "\r\n\t" in head:
-        head = _FOLD.sub(" ", head)  # §7.3.1: folding is equivalent to one SP
     lines = head.split("\r\n")
     first_line = lines[0]
     if is_response:
         version, code, reason = _parse_status_line(first_line)
     else:
-        try:
-            method, uri, version = _parse_request_line(first_line)
-        except ParseError as exc:
-            if first_line.startswith("ACK ") and exc.status_code is not None:
-                raise ParseError(exc.reason, None) from None
-            raise
+        # The strict form every stack sends, checked inline; anything else is
+        # judged (and named) by _parse_request_line.
+        parts = first_line.split(" ")
+        if (
+            len(parts) == 3
+            and parts[2] == "SIP/2.0"
+            and parts[0] in KNOWN_METHODS
+            and _URI_SHAPE.fullmatch(parts[1])
+        ):
+            method, uri, version = parts
+        else:
+            try:
+                method, uri, version = _parse_request_line(first_line)
+            except ParseError as exc:
+                if first_line.startswith("ACK ") and exc.status_code is not None:
+                    raise ParseError(exc.reason, None) from None
+                raise
         if method == "ACK":
             status = None  # §17.2.1: an ACK is never answered
-    breaks = len(lines) - 1
-    if head.count("\r") != breaks or head.count("\n") != breaks:
+    # The text without its line breaks: a CR or LF left in it was bare.
+    # (Single-character searches are memchr; every check here is a C loop.)
+    text = "".join(lines)
+    if "\r" in text or "\n" in text:
         raise ParseError("Bare CR or LF in header block", status)
     del lines[0]
 
     # Fields: one partition per line at the usual ": ", one table look-up per
-    # name; the rare other spellings are redone by _fix_fields.
+    # name; other spellings, folding and bad lines are left to _fix_fields.
     fields = [line.partition(_SEP) for line in lines]
     known = _KNOWN_NAMES
     keys_or_none = [known.get(name) for name, _, _ in fields]
     if None in keys_or_none:
-        _fix_fields(fields, keys_or_none, status)
-    keys: list[str] = keys_or_none  # type: ignore[assignment]  # every None was replaced
-    if "\t" in head or ":  " in head or " \r\n" in head or head[-1] == " ":
+        lines, fields, keys = _fix_fields(lines, fields, keys_or_none, status)
+    else:
+        keys = keys_or_none  # type: ignore[assignment]  # no None in it
+    if "\t" in text or "  " in head or " \r" in head or head[-1] == " ":
         # LWS the partition left around a value (rare): strip them all.
         fields = [(name, sep, value.strip(" \t")) for name, sep, value in fields]
-    first = _first_positions(keys)
-    repeated = len(first) != len(keys)
-    headers = Headers._trusted(fields, keys, first)
+    present = set(keys)
+    repeated = len(present) != len(keys)
+    headers = Headers._trusted(fields, (keys, present))
 
     body_start = head_end + 4
-    i = first.get("content-length")
-    if i is None:
-        body = data[body_start:]
-    else:
-        text = fields[i][2]
-        if repeated and len({fields[j][2] for j in headers._positions("content-length")}) > 1:
+    if "content-length" in present:
+        value = fields[keys.index("content-length")][2]
+        if (
+            repeated
+            and keys.count("content-length") > 1
+            and len({fields[j][2] for j in headers._key_positions("content-length")}) > 1
+        ):
             raise ParseError("Conflicting Content-Length", status)
-        if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        if not (value.isascii() and value.isdigit()) or len(value) > 10:
             raise ParseError("Bad Content-Length", status)
-        length = int(text)
+        length = int(value)
         if body_start + length > len(data):
             raise ParseError("Content-Length exceeds body", status)
         body = data[body_start : body_start + length]
+    else:
+        body = data[body_start:]
 
     # What every element relies on before anything else (RFC 4475 §3.1.2,
-    # §3.3.1). Via, From and To are only looked for here: they are parsed on
-    # first access.
-    if "via" not in first:
-        raise ParseError("Missing Via", status)
-    for key, label in (("from", "From"), ("to", "To")):
-        if key not in first:
+    # §3.3.1). Via, From and To are only looked for here: they are parsed
+    # (and a repeated From or To refused) on first access.
+    for key, label in _REQUIRED:
+        if key not in present:
             raise ParseError(f"Missing {label}", status)
-        if repeated and keys.count(key) > 1:
-            raise ParseError(f"Bad {label}: more than one", status)
-    i = first.get("call-id")
-    if i is None:
-        raise ParseError("Missing Call-ID", status)
-    call_id = fields[i][2]
+    call_id = fields[keys.index("call-id")][2]
     if not _is_call_id(call_id):
         raise ParseError("Bad Call-ID", status)
-    i = first.get("cseq")
-    if i is None:
-        raise ParseError("Missing CSeq", status)
     if repeated and keys.count("cseq") > 1:
         raise ParseError("Bad CSeq: more than one", status)
     try:
-        cseq = parse_cseq(fields[i][2])
+        cseq = parse_cseq(fields[keys.index("cseq")][2])
     except ParseError as exc:
         raise ParseError(exc.reason, status) from None
     cache = headers._cache
@@ -810,14 +827,14 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
         if cseq.method != method:
             raise ParseError("CSeq method does not match", status)
         message = Request(method, uri, headers, body, version)
-        if method == "REGISTER" and "contact" in first:
+        if method == "REGISTER" and "contact" in present:
             # The registrar judges the binding before it challenges (RFC 4475
             # §3.1.2.13 regbadct: 400, not 401).
             cache["contacts"] = _parse_contacts(
-                fields, headers._positions("contact"), message._fail
+                fields, headers._key_positions("contact"), message._fail
             )
-    if "date" in first:
-        for j in headers._positions("date"):
+    if "date" in present:
+        for j in headers._key_positions("date"):
             if not _DATE.fullmatch(fields[j][2]):
                 raise ParseError("Bad Date", status)
     return message
@@ -855,7 +872,7 @@ def make_response(
     access)."""
     src = request.headers
     src_fields = src._fields
-    fields: list[_Field] = [("Via", _SEP, src_fields[i][2]) for i in src._positions("via")]
+    fields: list[_Field] = [("Via", _SEP, src_fields[i][2]) for i in src._key_positions("via")]
     keys = ["via"] * len(fields)
     if not fields:
         raise request._fail("Missing Via")
@@ -871,4 +888,4 @@ def make_response(
         _check_field(name, value)
         fields.append((name, _SEP, value))
         keys.append(_key(name))
-    return Response(status_code, reason, Headers._trusted(fields, keys), body)
+    return Response(status_code, reason, Headers._trusted(fields, (keys, set(keys))), body)
