@@ -27,7 +27,6 @@ from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 
 __all__ = [
     "COMPACT_FORMS",
-    "KNOWN_METHODS",
     "CSeq",
     "NameAddr",
     "Via",
@@ -98,13 +97,25 @@ _PLAIN_PARAMS = (
 # LWS, quoted strings, IPv6 values, more parameters, errors -- takes the full
 # grammar below, which gives the same result or says what is wrong.
 _P3 = rf"(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+))?)?" * 3
+# ... and for name-addr, values may also be quoted strings without escapes
+# (Contact's +sip.instance="<urn:uuid:...>").
+_P3Q = rf'(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+|"[^"\\\r\n]*"))?)?' * 3
 _VIA_COMMON = re.compile(
     r"SIP/2\.0/([A-Za-z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([0-9]{1,5}))?" + _P3
 )
+# URI characters in the fast paths: printable ASCII but SP " < > (and for an
+# addr-spec also , ? ;). Listed as ranges, a bitmap test per character; the
+# full grammar's [^\s<>"] (which also admits non-ASCII) costs a Unicode
+# category look-up per character.
+_URI_CHARS = r"[!#-;=?-~]"
+_ADDR_SPEC_CHARS = r"[!#-+\--:=@-~]"
 # After the '<': the URI, '>', parameters.
-_ANGLE_URI_COMMON = re.compile(r'([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>"]+)>' + _P3)
+_ANGLE_URI_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+)>" + _P3Q)
 # addr-spec: the URI may not hold ',' '?' ';' (RFC 3261 §20.10).
-_ADDR_SPEC_COMMON = re.compile(r'([A-Za-z][A-Za-z0-9+\-.]*:[^\s<>",?;]+)' + _P3)
+_ADDR_SPEC_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*:{_ADDR_SPEC_CHARS}+)" + _P3)
+_URI_COMMON = re.compile(rf"[A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+")
+"""A URI as every stack writes one (ASCII); anything it refuses still gets
+the full grammar's judgement."""
 _TRANSPORTS = frozenset({"UDP", "TCP", "TLS", "SCTP", "WS", "WSS"})
 # [display-name] <uri> params, with display-name quoted or a run of text.
 _NAME_ADDR_PLAIN = re.compile(
@@ -268,7 +279,7 @@ class CSeq:
         return f"{self.number} {self.method}"
 
 
-KNOWN_METHODS = frozenset(
+_KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
      "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"}
 )  # fmt: skip
@@ -282,7 +293,7 @@ def parse_cseq(value: str) -> CSeq:
     method is not a token."""
     number, _, method = value.partition(" ")
     if not (number.isascii() and number.isdigit() and len(number) <= 10) or (
-        method not in KNOWN_METHODS and not _TOKEN.fullmatch(method)
+        method not in _KNOWN_METHODS and not _TOKEN.fullmatch(method)
     ):
         # Not the "<digits> <METHOD>" every stack writes: extra LWS, or an error.
         parts = value.split()
@@ -324,7 +335,10 @@ class Via:
 
     @property
     def branch(self) -> str | None:
-        return _lookup_lower(self.params, "branch")
+        for key, value in self.params:  # _lookup_lower, inline: read on every message
+            if key == "branch" or key.lower() == "branch":
+                return value
+        return None
 
     @property
     def received(self) -> str | None:
@@ -391,6 +405,8 @@ def parse_via(value: str) -> Via:
             host = host[1:-1]
         if transport not in _TRANSPORTS:
             transport = transport.upper()
+        if n1 is None:
+            return Via("SIP/2.0", transport, host, port, ())
         return Via("SIP/2.0", transport, host, port, _three_params(n1, v1, n2, v2, n3, v3))
     m = _VIA.match(value)
     if m is None:
@@ -458,7 +474,10 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
-        return _lookup_lower(self.params, "tag")
+        for key, value in self.params:  # _lookup_lower, inline: read on every message
+            if key == "tag" or key.lower() == "tag":
+                return value
+        return None
 
     def param(self, name: str) -> str | None:
         """Value of the first header parameter of that name (case-insensitive)."""
@@ -517,8 +536,7 @@ def parse_name_addr(value: str, *, header: str = "name-addr") -> NameAddr:
             uri, n1, v1, n2, v2, n3, v3 = m.groups()
             return NameAddr(None, uri, _three_params(n1, v1, n2, v2, n3, v3), False)
         return _parse_name_addr_general(value, header)
-    # (A quote after '<' is a quoted parameter value: the regex path below.)
-    m = None if '"' in rest else _ANGLE_URI_COMMON.fullmatch(rest)
+    m = _ANGLE_URI_COMMON.fullmatch(rest)
     if m is not None:
         uri, n1, v1, n2, v2, n3, v3 = m.groups()
         if not display:

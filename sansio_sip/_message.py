@@ -57,8 +57,9 @@ from typing import Any, Literal
 from ._errors import ParseError
 from ._headers import (
     _COMPACT_LOWER,
+    _KNOWN_METHODS,
     _TOKEN,
-    KNOWN_METHODS,
+    _URI_COMMON,
     CSeq,
     NameAddr,
     Via,
@@ -649,7 +650,7 @@ def _parse_request_line(line: str) -> tuple[str, str, str]:
     parts = line.split(" ")
     if len(parts) == 3:
         method, uri, version = parts
-        if (method in KNOWN_METHODS or _TOKEN.fullmatch(method)) and uri and version:
+        if (method in _KNOWN_METHODS or _TOKEN.fullmatch(method)) and uri and version:
             if version == "SIP/2.0":
                 if uri[0] == "<":
                     raise ParseError("Request-URI in angle brackets")
@@ -747,8 +748,8 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
         if (
             len(parts) == 3
             and parts[2] == "SIP/2.0"
-            and parts[0] in KNOWN_METHODS
-            and _URI_SHAPE.fullmatch(parts[1])
+            and parts[0] in _KNOWN_METHODS
+            and _URI_COMMON.fullmatch(parts[1])
         ):
             method, uri, version = parts
         else:
