@@ -157,7 +157,7 @@ DEFAULT_MAX_SIZE = 65535
 
 
 def _check_field(name: str, value: str) -> None:
-    if not _TOKEN.fullmatch(name):
+    if name not in _KNOWN_NAMES and not _TOKEN.fullmatch(name):
         raise ValueError(f"invalid header name {name!r}")
     if "\r" in value or "\n" in value:
         raise ValueError(f"header value of {name} contains CR or LF")
@@ -278,30 +278,51 @@ class Headers:
                 out.append(value)
         return out
 
+    # add, insert and a one-field set keep the index up to date instead of
+    # dropping it: building a response adds a field or two and then looks
+    # Content-Length up to serialise.
+
     def add(self, name: str, value: str) -> None:
         """Append a field."""
         _check_field(name, value)
         self._fields.append((name, _SEP, value))
-        self._changed()
+        index = self._index
+        if index is not None:
+            key = _key(name)
+            index[0].append(key)
+            index[1].add(key)
+        if self._cache:
+            self._cache = {}
 
     def insert(self, index: int, name: str, value: str) -> None:
         """Insert a field so that it becomes field number ``index``."""
         _check_field(name, value)
         self._fields.insert(index, (name, _SEP, value))
-        self._changed()
+        keys_index = self._index
+        if keys_index is not None:
+            key = _key(name)
+            keys_index[0].insert(index, key)  # list.insert: the same place as the field's
+            keys_index[1].add(key)
+        if self._cache:
+            self._cache = {}
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of that name with one, at the first one's
         position (appended when there was none)."""
         _check_field(name, value)
         positions = self._positions(name)
+        if len(positions) == 1:
+            self._fields[positions[0]] = (name, _SEP, value)  # same key, same place
+            if self._cache:
+                self._cache = {}
+            return
         if not positions:
-            self._fields.append((name, _SEP, value))
-        else:
-            first = positions[0]
-            drop = set(positions[1:])
-            self._fields[first] = (name, _SEP, value)
-            self._fields = [f for i, f in enumerate(self._fields) if i not in drop]
+            self.add(name, value)
+            return
+        first = positions[0]
+        drop = set(positions[1:])
+        self._fields[first] = (name, _SEP, value)
+        self._fields = [f for i, f in enumerate(self._fields) if i not in drop]
         self._changed()
 
     def remove(self, name: str) -> int:

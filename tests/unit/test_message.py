@@ -96,6 +96,46 @@ def test_headers_mutation() -> None:
     assert copy == h
 
 
+_NAMES = st.sampled_from(["Via", "v", "VIA", "To", "t", "Contact", "m", "X-A", "x-a", "Route"])
+_MUTATIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "insert", "set", "remove", "pop", "get"]),
+        _NAMES,
+        st.integers(-3, 6),
+        st.sampled_from(["1", "2, 3", "<sip:a@b>"]),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(_NAMES, st.sampled_from(["a", "b, c"])), max_size=6), _MUTATIONS)
+def test_headers_index_follows_every_mutation(
+    start: list[tuple[str, str]], mutations: list[tuple[str, str, int, str]]
+) -> None:
+    # The index is kept up to date by add/insert/set rather than rebuilt: after
+    # any sequence, look-ups agree with a fresh Headers of the same fields.
+    h = Headers(start)
+    for op, name, at, value in mutations:
+        if op == "add":
+            h.add(name, value)
+        elif op == "insert":
+            h.insert(at, name, value)
+        elif op == "set":
+            h.set(name, value)
+        elif op == "remove":
+            h.remove(name)
+        elif op == "pop":
+            h.pop_first_value(name)
+        else:
+            h.get(name)  # builds the index if a mutation dropped it
+        fresh = Headers(list(h))
+        for probe in ("via", "To", "contact", "X-A", "route", "From"):
+            assert h.get(probe) == fresh.get(probe)
+            assert h.get_all(probe) == fresh.get_all(probe)
+            assert (probe in h) == (probe in fresh)
+
+
 def test_pop_first_value() -> None:
     h = Headers([("Route", "<sip:p1;lr>, <sip:p2;lr>"), ("Route", "<sip:p3;lr>")])
     assert h.pop_first_value("route") == "<sip:p1;lr>"
