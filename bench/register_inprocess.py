@@ -22,7 +22,11 @@ The datagrams are a Linphone-style REGISTER (the anchor corpus's
 01_register_auth.sip, without its Authorization), a fresh Call-ID per
 registration, CSeq 1 then 2, as SIPp's reg_auth.xml does.
 
-  python3 bench/register_inprocess.py [--n 2000] [--profile] [--callgrind]
+The replay runs with the collector settled as ``kx-sipd serve`` settles it
+once up (``kx_sipd.app.settle_gc``: start-up frozen, thresholds raised);
+``--default-gc`` keeps CPython's defaults instead.
+
+  python3 bench/register_inprocess.py [--n 2000] [--profile] [--callgrind] [--default-gc]
 """
 
 from __future__ import annotations
@@ -229,7 +233,7 @@ def check(finals: list[bytes], n: int) -> None:
         sys.exit(f"replay did not answer 401, 200 each time: {codes[:6]} ...")
 
 
-def callgrind(n: int, seed: int) -> None:
+def callgrind(n: int, seed: int, default_gc: bool) -> None:
     """Instructions per registration: (replay of n) - (replay of 0), over n."""
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed")
@@ -253,22 +257,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--profile", action="store_true", help="split the replay's time by layer")
     ap.add_argument("--callgrind", action="store_true", help="instructions per registration")
+    ap.add_argument("--default-gc", action="store_true", help="CPython's collector settings")
     ap.add_argument("--replays", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     steps = record(args.n, args.seed)
+    if not args.default_gc:
+        from kx_sipd.app import settle_gc
+
+        settle_gc()
     if args.replays is not None:  # the run callgrind counts: record, then replay k
         if args.replays:
             replay(steps, args.seed)
         return
     if args.callgrind:
-        callgrind(args.n, args.seed)
+        callgrind(args.n, args.seed, args.default_gc)
         return
     t0 = time.process_time()
     _, finals = replay(steps, args.seed)
     cpu = time.process_time() - t0
     check(finals, args.n)
     print(
-        f"python {sys.version.split()[0]}  n={args.n}  {cpu / args.n * 1e6:,.1f} us CPU per "
+        f"python {sys.version.split()[0]}  n={args.n}  gc={'default' if args.default_gc else 'server'}"
+        f"  {cpu / args.n * 1e6:,.1f} us CPU per "
         f"registration (2 transactions, 4 messages), {args.n / cpu:,.0f} registrations/s"
     )
     if args.profile:
