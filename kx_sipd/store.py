@@ -25,8 +25,18 @@ Theory of operation:
   opens a new one, so the server recovers as soon as the file does. A
   connection re-opened later never creates the file: a deleted database must
   answer 503, not "unknown user" from a fresh empty one.
-* **Threads.** One connection per thread (``threading.local``): the AnyIO
-  driver calls from worker threads, the socket driver from its loop.
+* **Connections.** A small pool, not one per thread: a caller borrows an
+  idle connection (the most recently returned, whose cache is warm) or opens
+  one, and gives it back when done; at most ``_IDLE_CONNECTIONS`` are kept
+  idle, the others are closed. So the number open follows how many threads
+  use the store *at once*, not how many threads ever did: AnyIO's worker
+  threads come and go (an idle one exits after 10 s), and one connection per
+  thread meant a new connection for every new thread, while the old one, never
+  closed, waited for the cyclic garbage collector (a ``sqlite3.Connection``
+  references itself through its statement cache), with its file descriptors,
+  page cache and statements: the soak's memory and descriptors grew with
+  thread turnover (docs/robustness.md). A connection is used by one thread at
+  a time.
 * **Account cache.** ``get_account`` is on the hot path (every REGISTER and
   INVITE). Accounts are cached in memory; before each look-up the thread's
   connection reads ``PRAGMA data_version``, which changes when any *other*
@@ -43,7 +53,6 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final
@@ -106,15 +115,19 @@ BUSY_TIMEOUT: Final = 0.2
 """Seconds to wait for a lock before giving up: long enough to ride out a
 checkpoint or a CLI edit, short enough that a stuck lock becomes a prompt 503."""
 
+_IDLE_CONNECTIONS: Final = 4
+"""Connections kept open while unused: the loop's look-ups and a few worker
+threads' record writes at once; a burst past it opens more, closed when returned."""
+
 _CACHE_LIMIT: Final = 50_000
 """Cached look-ups (unknown usernames included, which an attacker chooses).
 Past it the cache is dropped whole: simple, bounded, and it refills itself."""
 
 
 class _Connection:
-    """A thread's connection and the last ``data_version`` it saw."""
+    """A pooled connection and the last ``data_version`` it saw."""
 
-    __slots__ = ("__weakref__", "data_version", "db")
+    __slots__ = ("data_version", "db")
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -157,8 +170,8 @@ class Store:
             raise StoreError(f"invalid realm {realm!r}: printable ASCII without quotes")
         self.path = os.path.abspath(os.fspath(path))
         self._synchronous = synchronous
-        self._local = threading.local()
-        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._connections: set[_Connection] = set()  # open: idle or borrowed
+        self._idle: list[_Connection] = []  # last returned at the end
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # held by the thread committing a group
         self._pending: list[_PendingWrite] = []
@@ -180,7 +193,7 @@ class Store:
         except StoreError:
             self._discard(holder)
             raise
-        self._local.holder = holder
+        self._give_back(holder)
 
     # -- connections ---------------------------------------------------------
 
@@ -208,17 +221,26 @@ class Store:
             self._connections.add(holder)
         return holder
 
-    def _connection(self) -> _Connection:
-        holder: _Connection | None = getattr(self._local, "holder", None)
-        if holder is None:
-            holder = self._open(create=False)
-            self._local.holder = holder
-        return holder
+    def _borrow(self) -> _Connection:
+        """An idle connection (the warmest), or a new one; ``_give_back`` it after use."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._open(create=False)
+
+    def _give_back(self, holder: _Connection) -> None:
+        with self._lock:
+            if holder not in self._connections:
+                return  # discarded after an error, or closed by close()
+            if len(self._idle) < _IDLE_CONNECTIONS:
+                self._idle.append(holder)
+                return
+            self._connections.discard(holder)
+        with suppress(sqlite3.Error):  # a surplus connection: closing is best effort
+            holder.db.close()
 
     def _discard(self, holder: _Connection) -> None:
-        """Close a connection after an error; this thread opens a new one next time."""
-        if getattr(self._local, "holder", None) is holder:
-            self._local.holder = None
+        """Close a connection after an error; the next caller opens a new one."""
         with self._lock:
             self._connections.discard(holder)
         with suppress(sqlite3.Error):  # it is being discarded because it is broken
@@ -229,14 +251,15 @@ class Store:
         return StoreUnavailable(f"{self.path}: {exc}")
 
     def close(self) -> None:
-        """Close every connection this store opened (in any thread)."""
+        """Close every connection this store opened (idle or in use by any
+        thread); a later call opens new ones."""
         with self._lock:
             holders = list(self._connections)
             self._connections.clear()
+            self._idle.clear()
         for holder in holders:
             with suppress(sqlite3.Error):  # closing is best effort
                 holder.db.close()
-        self._local = threading.local()
 
     def __enter__(self) -> Store:
         return self
@@ -246,18 +269,20 @@ class Store:
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        holder = self._connection()
+        holder = self._borrow()
         try:
             yield holder.db
         except sqlite3.Error as exc:
             raise self._fail(holder, exc) from exc
+        finally:
+            self._give_back(holder)
 
     @contextmanager
     def _writing(self, *, drop_cache: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it or nothing. This connection's own
         commits do not change its data_version, so an edit of accounts or
         routes drops the cache here."""
-        holder = self._connection()
+        holder = self._borrow()
         db = holder.db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -274,6 +299,7 @@ class Store:
         except sqlite3.Error as exc:
             raise self._fail(holder, exc) from exc
         finally:
+            self._give_back(holder)
             if drop_cache:
                 self._drop_cache()
 
@@ -308,7 +334,7 @@ class Store:
     def get_account(self, username: str) -> Account | None:
         """The account (HA1 for the store's realm, route resolved), or None.
         Raises StoreUnavailable."""
-        holder = self._connection()
+        holder = self._borrow()
         db = holder.db
         try:
             version = db.execute("PRAGMA data_version").fetchall()[0][0]
@@ -329,6 +355,8 @@ class Store:
             rows = db.execute(ACCOUNT_QUERY, (username,)).fetchall()
         except sqlite3.Error as exc:
             raise self._fail(holder, exc) from exc
+        finally:
+            self._give_back(holder)
         account = account_from_row(rows[0]) if rows else None
         with self._lock:
             # A look-up that raced with a cache drop may hold old data: keep it out.
