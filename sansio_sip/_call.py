@@ -36,7 +36,6 @@ from ._config import EngineConfig
 from ._dialog import (
     ALLOW_IN_DIALOG,
     Leg,
-    codec_of,
     contact_uri,
     contact_value,
     dialed_digits,
@@ -78,6 +77,7 @@ from ._wire import format_address
 __all__ = ["Call", "CallManager", "CallState"]
 
 _SDP = "application/sdp"
+_TRANSPORT_NAMES = {transport: transport.value for transport in Transport}
 _ALLOW = ALLOW_IN_DIALOG
 
 # Carrier answers that must not reach the client as they are (issue 4 §3:
@@ -407,8 +407,7 @@ class CallManager:
             port=allocation.a_port,
             origin_user="kx-sipd",
         )
-        call.record = attrs.evolve(call.record, codec=codec_name(answer))
-        self._answer_a(call, 200, "OK", bytes(answer), now, wall, out)
+        self._answer_a(call, 200, "OK", bytes(answer), now, wall, out, codec=codec_name(answer))
 
     # --------------------------------------------------------------- B-leg
 
@@ -515,7 +514,7 @@ class CallManager:
                 self._arm(call, call.ring_deadline)
             call.state = CallState.EARLY
             try:
-                body = self._sdp_toward_a(call, response)
+                body = self._sdp_toward_a(call, _parse_or_none(response.body))
             except NoAcceptableCodec:
                 body = b""  # early media we cannot carry: ring without it
             self._provisional_a(call, code, response.reason, body, now, wall, out)
@@ -532,8 +531,10 @@ class CallManager:
                 return
             if call.state in (CallState.ANSWERING, CallState.CONFIRMED):
                 return  # a 2xx retransmission: the ACK above was all it needed
+            # The carrier's answer, parsed once: for the client, the relay, the record.
+            carrier_answer = _parse_or_none(response.body)
             try:
-                body = self._sdp_toward_a(call, response)
+                body = self._sdp_toward_a(call, carrier_answer)
             except NoAcceptableCodec as error:
                 # The carrier answered without G.711: nothing can carry the
                 # call's audio. End the B-leg, tell the client why.
@@ -551,10 +552,6 @@ class CallManager:
                 )
                 return
             if call.media is not None and response.body:
-                try:
-                    carrier_answer: SessionDescription | None = parse_sdp(response.body)
-                except ParseError:
-                    carrier_answer = None
                 out.append(
                     UpdateMedia(
                         call_ref=call.ref,
@@ -563,9 +560,8 @@ class CallManager:
                         b_events=telephone_event(carrier_answer) if carrier_answer else None,
                     )
                 )
-            codec = codec_of(response.body)
-            call.record = attrs.evolve(call.record, codec=codec)
-            self._answer_a(call, code, response.reason, body, now, wall, out)
+            codec = codec_name(carrier_answer) if carrier_answer is not None else None
+            self._answer_a(call, code, response.reason, body, now, wall, out, codec=codec)
             return
         # A final failure from the carrier.
         if call.cancelled or call.state is CallState.ENDED:
@@ -639,15 +635,12 @@ class CallManager:
         )
         return True
 
-    def _sdp_toward_a(self, call: Call, response: Response) -> bytes:
-        """The carrier's answer as the client must see it: one m= line per
-        offered stream (RFC 3264 §6), pointing at the relay's client side.
-        Raises NoAcceptableCodec when it carries no G.711."""
-        if not response.body or call.media is None:
-            return b""
-        try:
-            answer = parse_sdp(response.body)
-        except ParseError:
+    def _sdp_toward_a(self, call: Call, answer: SessionDescription | None) -> bytes:
+        """The carrier's answer (parsed, None when absent or unreadable) as the
+        client must see it: one m= line per offered stream (RFC 3264 §6),
+        pointing at the relay's client side. Raises NoAcceptableCodec when it
+        carries no G.711."""
+        if answer is None or call.media is None:
             return b""
         for_client = make_answer(call.original_offer, answer)
         return bytes(
@@ -688,6 +681,8 @@ class CallManager:
         now: float,
         wall: float,
         out: list[Action],
+        *,
+        codec: str | None,
     ) -> None:
         headers = (*self._contact_headers(call.a), ("Allow", _ALLOW))
         if body:
@@ -699,7 +694,7 @@ class CallManager:
         self._dispatch(items, call, now, wall, out)
         data = next((item.data for item in items if isinstance(item, Send)), None)
         call.state = CallState.ANSWERING
-        call.record = attrs.evolve(call.record, answer_wall=wall, final_status=code)
+        call.record = attrs.evolve(call.record, codec=codec, answer_wall=wall, final_status=code)
         self._counters["calls.answered"] += 1
         if data is not None:
             self._retransmit(call, call.a, data, call.a_request.cseq.number, now)
@@ -1293,6 +1288,16 @@ class CallManager:
             call.ladder.append(_entry(direction, leg, peer, transport, data, wall))
 
 
+def _parse_or_none(body: bytes) -> SessionDescription | None:
+    """The SDP of a body; None when there is none or it does not parse."""
+    if not body:
+        return None
+    try:
+        return parse_sdp(body)
+    except ParseError:
+        return None
+
+
 def _entry(
     direction: str, leg: str, peer: Address, transport: Transport, data: bytes, wall: float
 ) -> LadderEntry:
@@ -1302,6 +1307,6 @@ def _entry(
         direction=direction,
         leg=leg,
         peer=format_address(peer),
-        transport=transport.value,
+        transport=_TRANSPORT_NAMES[transport],
         message=data[:4096].decode("utf-8", "replace"),
     )

@@ -24,6 +24,7 @@ at stake (v= first, o= present and well formed, m= and c= well formed).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -74,6 +75,10 @@ _STATIC_AUDIO: dict[str, tuple[str, int, int]] = {
 }
 
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HT (RFC 8866 §9 text)
+# A body none of whose lines can hold a control character: no CTL but HT, CR
+# and LF, and every CR at a line end (where the line's trailing white space is
+# cut). The usual body; then no line needs its own search.
+_ANY_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 _DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 _G711 = ("PCMU", "PCMA")
 _RTP_AVP = "RTP/AVP"
@@ -136,6 +141,10 @@ def _connection_address(value: str) -> str:
 
 def _unspecified(address: str) -> bool:
     """0.0.0.0 (RFC 2543 hold, RFC 3264 §8.4) or the IPv6 unspecified address."""
+    if ":" not in address:
+        # The one IPv4 form ipaddress reads as unspecified (it refuses
+        # leading zeros); a name or anything else is not.
+        return address == "0.0.0.0"
     try:
         return ipaddress.ip_address(address).is_unspecified
     except ValueError:
@@ -180,6 +189,11 @@ class Media:
     proto: str
     formats: tuple[str, ...]
     lines: tuple[Line, ...] = ()
+    # Payload type -> the text after "a=rtpmap:<pt> " (the first of each), built
+    # on first use: the offer/answer policy asks for every format several times.
+    _rtpmaps: dict[str, str] | None = attrs.field(
+        default=None, init=False, eq=False, repr=False, hash=False
+    )
 
     @property
     def m_line(self) -> str:
@@ -213,10 +227,18 @@ class Media:
         """(encoding, clock rate, channels) of payload type ``pt``: from its
         a=rtpmap, else from the static table of RFC 3551, else None. Channels
         is None when the rtpmap does not say (it means 1 for audio)."""
-        prefix = f"rtpmap:{pt} "
-        for kind, value in self.lines:
-            if kind == "a" and value.startswith(prefix):
-                return _parse_rtpmap(value[len(prefix) :])
+        rtpmaps = self._rtpmaps
+        if rtpmaps is None:
+            rtpmaps = {}
+            for kind, value in self.lines:
+                if kind == "a" and value.startswith("rtpmap:"):
+                    number, space, mapping = value[7:].partition(" ")
+                    if space and number not in rtpmaps:
+                        rtpmaps[number] = mapping
+            object.__setattr__(self, "_rtpmaps", rtpmaps)
+        found = rtpmaps.get(pt)
+        if found is not None:
+            return _parse_rtpmap(found)
         static = _STATIC_AUDIO.get(pt) if self.media == "audio" else None
         if static is None:
             return None
@@ -284,10 +306,15 @@ class SessionDescription:
         return serialize_sdp(self)
 
 
-def _parse_origin(value: str) -> Origin:
+def _origin_fields(value: str) -> list[str]:
     fields = value.split()
     if len(fields) != 6:
         raise _bad("malformed o= line")
+    return fields
+
+
+def _parse_origin(value: str) -> Origin:
+    fields = _origin_fields(value)
     return Origin(
         username=fields[0],
         session_id=fields[1],
@@ -316,17 +343,19 @@ def _parse_port(text: str) -> tuple[int, int | None]:
     return int(port_text), count
 
 
-def _parse_m(value: str) -> Media:
+def _parse_m(value: str) -> tuple[str, int, int | None, str, tuple[str, ...]]:
+    """The m= line's fields: (media, port, port count, proto, formats)."""
     fields = value.split()
     if len(fields) < 4:
         raise _bad("malformed m= line")
     port, count = _parse_port(fields[1])
+    return fields[0], port, count, fields[2], tuple(fields[3:])
+
+
+def _media(m_fields: tuple[str, int, int | None, str, tuple[str, ...]], lines: list[Line]) -> Media:
+    media, port, count, proto, formats = m_fields
     return Media(
-        media=fields[0],
-        port=port,
-        port_count=count,
-        proto=fields[2],
-        formats=tuple(fields[3:]),
+        media=media, port=port, port_count=count, proto=proto, formats=formats, lines=tuple(lines)
     )
 
 
@@ -345,8 +374,9 @@ def parse_sdp(body: bytes) -> SessionDescription:
         raise _bad("not UTF-8") from exc
     session: list[Line] = []
     media: list[Media] = []
-    current: Media | None = None
+    current: tuple[str, int, int | None, str, tuple[str, ...]] | None = None
     current_lines: list[Line] = []
+    search_lines = _ANY_CONTROL.search(text) is not None
     for raw in text.split("\n"):
         line = raw.rstrip(" \t\r")
         if not line:
@@ -354,7 +384,7 @@ def parse_sdp(body: bytes) -> SessionDescription:
         if len(line) < 2 or line[1] != "=" or not ("a" <= line[0] <= "z"):
             raise _bad("malformed line")
         kind, value = line[0], line[2:]
-        if _CONTROL.search(value):
+        if search_lines and _CONTROL.search(value):
             raise _bad("control character")
         if not session and (kind != "v" or value.strip() != "0"):
             raise _bad("must start with v=0")
@@ -362,7 +392,7 @@ def parse_sdp(body: bytes) -> SessionDescription:
             _check_connection(value)
         if kind == "m":
             if current is not None:
-                media.append(attrs.evolve(current, lines=tuple(current_lines)))
+                media.append(_media(current, current_lines))
             current = _parse_m(value)
             current_lines = []
         elif current is None:
@@ -370,7 +400,7 @@ def parse_sdp(body: bytes) -> SessionDescription:
         else:
             current_lines.append((kind, value))
     if current is not None:
-        media.append(attrs.evolve(current, lines=tuple(current_lines)))
+        media.append(_media(current, current_lines))
     if not session:
         raise _bad("empty body")
     origins = [value for kind, value in session if kind == "o"]
@@ -483,7 +513,14 @@ def _keep_formats(m: Media, keep: tuple[str, ...]) -> Media:
                 if pt != "*" and pt not in keep_set:
                     continue
         lines.append((kind, value))
-    return attrs.evolve(m, formats=keep, lines=tuple(lines))
+    return Media(
+        media=m.media,
+        port=m.port,
+        port_count=m.port_count,
+        proto=m.proto,
+        formats=keep,
+        lines=tuple(lines),
+    )
 
 
 def filter_offer(sd: SessionDescription) -> SessionDescription:
@@ -572,6 +609,7 @@ def make_answer(offer: SessionDescription, answer: SessionDescription) -> Sessio
     return SessionDescription(lines=answer.lines, media=tuple(streams))
 
 
+@functools.lru_cache(maxsize=256)
 def _c_value(address: str) -> str:
     try:
         family = "IP6" if ipaddress.ip_address(address).version == 6 else "IP4"
@@ -616,21 +654,26 @@ def rewrite_media(
     c_value = _c_value(address)
     active = _active_audio(sd)
     session_held = sd.connection is not None and _unspecified(_connection_address(sd.connection))
-    origin = sd.origin
-    version = origin.session_version
+    origin_value = sd._first("o")
+    if origin_value is None:
+        raise _bad("missing o= line")
+    username, session_id, version, nettype, _, _ = _origin_fields(origin_value)
     if bump_version and _is_number(version):
         version = str(int(version) + 1)
-    new_origin = attrs.evolve(
-        origin,
-        username=origin_user if origin_user is not None else origin.username,
-        session_version=version,
-        addrtype=c_value.split()[1],
-        address=address,
+    new_origin = " ".join(
+        (
+            origin_user if origin_user is not None else username,
+            session_id,
+            version,
+            nettype,
+            c_value.split()[1],
+            address,
+        )
     )
     session: list[Line] = []
     for kind, value in sd.lines:
         if kind == "o":
-            session.append(("o", str(new_origin)))
+            session.append(("o", new_origin))
         elif kind == "c":
             session.append(("c", value if session_held else c_value))
         elif kind == "a" and _attribute(value)[0] in _RELAY_INVALIDATES:
@@ -647,10 +690,16 @@ def rewrite_media(
                 continue
             else:
                 lines.append((kind, value))
-        if index == active:
-            media.append(attrs.evolve(m, port=port, lines=tuple(lines)))
-        else:
-            media.append(attrs.evolve(m, lines=tuple(lines)))
+        media.append(
+            Media(
+                media=m.media,
+                port=port if index == active else m.port,
+                port_count=m.port_count,
+                proto=m.proto,
+                formats=m.formats,
+                lines=tuple(lines),
+            )
+        )
     return SessionDescription(lines=tuple(session), media=tuple(media))
 
 

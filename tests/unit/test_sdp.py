@@ -6,6 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -618,3 +619,30 @@ def test_relayed_sdp_does_not_carry_the_endpoints_identity() -> None:
     assert b"rtcp-xr" in relayed  # end to end through the relay: the carrier may use it
     own = bytes(without_endpoint_features(parse_sdp(relayed)))
     assert b"rtcp-xr" not in own
+
+
+def test_rtpmap_lookups_read_the_first_mapping_and_follow_a_changed_stream() -> None:
+    m = offer_of(
+        "m=audio 4000 RTP/AVP 96 97 0",
+        "a=rtpmap:96 telephone-event/8000",
+        "a=rtpmap:96 opus/48000/2",
+        "a=rtpmap:97  PCMA/8000",
+        "a=rtpmap:98\tPCMU/8000",
+    ).media[0]
+    assert m.rtpmap("96") == ("telephone-event", 8000, None)
+    assert m.rtpmap("97") == ("PCMA", 8000, None)
+    assert m.rtpmap("98") is None
+    assert m.rtpmap("0") == ("PCMU", 8000, 1)
+    changed = attrs.evolve(m, lines=(("a", "rtpmap:96 PCMU/8000"),))
+    assert changed.rtpmap("96") == ("PCMU", 8000, None)
+    assert m.rtpmap("96") == ("telephone-event", 8000, None)
+    assert changed == attrs.evolve(changed) and hash(changed) == hash(attrs.evolve(changed))
+
+
+def test_control_characters_are_refused_wherever_they_are() -> None:
+    base = ["v=0", "o=- 1 1 IN IP4 192.0.2.1", "s=-", "c=IN IP4 192.0.2.1", "t=0 0"]
+    for bad in ("s=a\x0bb", "s=a\rb", "s=a\x00", "a=x\x7f"):
+        with pytest.raises(ParseError, match="control character"):
+            parse_sdp(sdp([*base[:2], bad, *base[3:]]))
+    # Trailing white space and CR before LF are line ends, not content.
+    assert parse_sdp(b"v=0\r\no=- 1 1 IN IP4 192.0.2.1 \r\r\ns=-\t\r\nt=0 0\n").session_name == "-"
