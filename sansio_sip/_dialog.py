@@ -84,28 +84,28 @@ def make_request(
         leg.local_cseq += 1
         cseq = leg.local_cseq
     host, port = sip_address
-    headers = Headers()
-    headers.add(
-        "Via", f"SIP/2.0/{leg.transport.value} {format_host(host)}:{port};branch={branch};rport"
-    )
+    fields = [
+        ("Via", f"SIP/2.0/{leg.transport.value} {format_host(host)}:{port};branch={branch};rport")
+    ]
     for route in leg.route_set:
-        headers.add("Route", route)
+        fields.append(("Route", route))
     if not any(name.lower() == "max-forwards" for name, _ in extra):
-        headers.add("Max-Forwards", "70")
-    headers.add("From", f"{leg.local_header};tag={leg.local_tag}")
-    headers.add("To", leg.remote_header)
-    headers.add("Call-ID", leg.call_id)
-    headers.add("CSeq", f"{cseq} {method}")
+        fields.append(("Max-Forwards", "70"))
+    fields += (
+        ("From", f"{leg.local_header};tag={leg.local_tag}"),
+        ("To", leg.remote_header),
+        ("Call-ID", leg.call_id),
+        ("CSeq", f"{cseq} {method}"),
+    )
     if method == "INVITE":
-        headers.add("Contact", contact_value(sip_address, leg.transport))
-    for name, value in extra:
-        headers.add(name, value)
+        fields.append(("Contact", contact_value(sip_address, leg.transport)))
+    fields += extra
     if method == "INVITE":
-        headers.add("Allow", ALLOW_IN_DIALOG)
-    headers.add("User-Agent", user_agent)
+        fields.append(("Allow", ALLOW_IN_DIALOG))
+    fields.append(("User-Agent", user_agent))
     if body:
-        headers.add("Content-Type", _SDP)
-    return Request(method, leg.remote_target, headers, body)
+        fields.append(("Content-Type", _SDP))
+    return Request(method, leg.remote_target, Headers(fields), body)
 
 
 def make_cancel(invite: Request, *, user_agent: str) -> Request:
@@ -161,6 +161,10 @@ def contact_uri(message: Request | Response) -> str | None:
 
 
 def without_tag(value: str) -> str:
+    if value[:1] == "<" and value[-1:] == ">" and value.count("<") == 1 and value.count(">") == 1:
+        # "<uri>" alone (SIPp's and most phones' To): no parameters, no
+        # display name, so the parse below would give it back unchanged.
+        return value
     try:
         name_addr = parse_name_addr(value)
     except ParseError:
