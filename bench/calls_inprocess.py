@@ -25,8 +25,12 @@ calls are up at once and the transaction and call timers fire on the way.
   of 0, over N: stable however loaded the machine is);
 * ``--profile``: the split of the replay's time by layer (cProfile).
 
+``--relay`` measures the relay's control per call instead, the same two ways
+(allocate, update and delete: the client's framing and the shard's handling,
+in process, with no socket between them).
+
   python3 bench/calls_inprocess.py [--n 2000] [--rate 200] [--hold 10]
-                                   [--profile] [--callgrind]
+                                   [--profile] [--callgrind] [--relay]
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import cProfile
 import gc
 import heapq
 import os
+import pickle
 import pstats
 import random
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -378,22 +384,88 @@ def replay(steps: list[Step], seed: int) -> list[bytes]:
     return [s.data for s in server.sent]
 
 
-def callgrind(args: argparse.Namespace) -> None:
-    """Instructions per call: (replay of n) - (replay of 0), over n."""
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed")
+# ------------------------------------------------------------ the relay's control
+
+
+def relay_calls(n: int, *, handle: bool) -> float:
+    """The relay control of n calls, in process: for each, the client's
+    allocate, update and delete commands (``RelayClient``'s framing), the
+    shard's handling of each (``Shard.handle_control``: ports bound and
+    closed, the call's media state), and the client opening each reply. No
+    socket between them. Returns the CPU seconds spent (0 without ``handle``)."""
+    from rtp_relay import RelayClient, RelayConfig
+    from rtp_relay._protocol import open_datagram
+    from rtp_relay._shard import Shard
+
+    secret = b"s" * 32
+    config = RelayConfig(
+        secret=secret,
+        control=("127.0.0.1", 9),
+        rtp_range=(50000, 53999),
+        shards=1,
+        media_host="127.0.0.1",
+        log_level="error",
+    )
+    shard = Shard(config, 0, 1, 0)
+    client = RelayClient(config.control, secret)
+    if not handle:
+        return 0.0
+    t0 = time.process_time()
+    for i in range(n):
+        ref = f"{i:024x}"
+        commands = (
+            ("allocate", {"call": ref, "a_peer": ["127.0.0.1", 6000], "echo": False}),
+            ("update", {"call": ref, "a_peer": None, "b_peer": ["127.0.0.1", 6002],
+                        "a_events": 101, "b_events": None}),
+            ("delete", {"call": ref}),
+        )  # fmt: skip
+        for op, fields in commands:
+            _, datagram = client._request(op, **fields)
+            reply = shard.handle_control(datagram, now=time.monotonic(), wall=time.time())
+            if reply is None or not open_datagram(secret, reply).get("ok"):
+                sys.exit(f"the shard refused {op}: {reply!r}")
+    return time.process_time() - t0
+
+
+def callgrind_relay(args: argparse.Namespace) -> None:
     counts = []
     for k in (0, args.n):
         proc = subprocess.run(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-             sys.executable, __file__, "--n", str(args.n), "--rate", str(args.rate),
-             "--hold", str(args.hold), "--seed", str(args.seed), "--replays", str(k)],
+             sys.executable, __file__, "--relay", "--n", str(args.n), "--replays", str(k)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         found = re.search(r"Collected : (\d+)", proc.stderr)
         if found is None:
             sys.exit(proc.stderr[-2000:])
         counts.append(int(found.group(1)))
+    print(
+        f"callgrind: {(counts[1] - counts[0]) / args.n:,.0f} instructions per call of relay "
+        f"control (allocate, update, delete; n={args.n}; user space only)"
+    )
+
+
+def callgrind(args: argparse.Namespace) -> None:
+    """Instructions per call: (replay of n) - (replay of 0), over n. The calls
+    are recorded here, natively; the two runs under valgrind load them."""
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed")
+    steps, _ = record(args.n, args.rate, args.hold, args.seed)
+    counts = []
+    with tempfile.NamedTemporaryFile(suffix=".pickle") as saved:
+        pickle.dump(steps, saved)
+        saved.flush()
+        for k in (0, 1):
+            proc = subprocess.run(
+                ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                 sys.executable, __file__, "--seed", str(args.seed), "--steps", saved.name,
+                 "--replays", str(k)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            found = re.search(r"Collected : (\d+)", proc.stderr)
+            if found is None:
+                sys.exit(proc.stderr[-2000:])
+            counts.append(int(found.group(1)))
     print(
         f"callgrind: {(counts[1] - counts[0]) / args.n:,.0f} instructions per call "
         f"(n={args.n}, rate={args.rate:g}/s, hold={args.hold:g} s)"
@@ -409,15 +481,31 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="split the replay's time by layer")
     ap.add_argument("--callgrind", action="store_true", help="instructions per call")
     ap.add_argument("--replays", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--relay", action="store_true", help="the relay's control per call instead of the engine"
+    )
     args = ap.parse_args()
+    if args.relay:
+        if args.callgrind:
+            callgrind_relay(args)
+        elif args.replays is not None:
+            relay_calls(args.n, handle=args.replays > 0)
+        else:
+            cpu = relay_calls(args.n, handle=True)
+            print(f"relay control: {cpu / args.n * 1e6:,.1f} us CPU per call (n={args.n})")
+        return
     if args.callgrind:
         callgrind(args)
         return
-    steps, recorded = record(args.n, args.rate, args.hold, args.seed)
-    if args.replays is not None:  # the run callgrind counts: record, then replay k
+    if args.replays is not None:  # a run callgrind counts: load the calls, replay 0 or 1 time
+        with args.steps.open("rb") as saved:
+            loaded: list[Step] = pickle.load(saved)
+        make_engine(args.seed)
         if args.replays:
-            replay(steps, args.seed)
+            replay(loaded, args.seed)
         return
+    steps, recorded = record(args.n, args.rate, args.hold, args.seed)
     t0 = time.process_time()
     replayed = replay(steps, args.seed)
     cpu = time.process_time() - t0
