@@ -12,7 +12,6 @@ This module is pure: it only builds and checks bytes.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from typing import Any
 
@@ -42,7 +41,8 @@ class BadDatagram(Exception):
 
 
 def _tag(secret: bytes, body: bytes) -> bytes:
-    return hmac.new(secret, body, hashlib.sha256).digest()[:TAG_SIZE]
+    # hmac.digest: the one-shot C path, without building an HMAC object.
+    return hmac.digest(secret, body, "sha256")[:TAG_SIZE]
 
 
 def seal(secret: bytes, message: dict[str, Any]) -> bytes:
