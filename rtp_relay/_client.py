@@ -14,6 +14,12 @@ full or silent. This replaces relying on the kernel's SO_REUSEPORT hash of
 our source port, which would pin a single-socket client to one shard. Later
 commands for a call go to the shard that allocated it.
 
+From an event loop. ``allocate_async``, ``update_async`` and
+``release_async`` do the same over non-blocking sockets awaited with AnyIO,
+so a driver need not hand each call's three commands to worker threads (a
+thread hop costs more CPU than the command). Each operation is written once,
+as a generator of the commands it needs answered, and run by either client.
+
 Reliability. A command is retransmitted after ``timeout`` seconds, up to
 ``retries`` times, as the *same* datagram (same cookie): the shard answers a
 retransmission from its reply cache, so a command whose reply was lost is
@@ -34,7 +40,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Generator
+from typing import Any, TypeVar
 
 import attrs
 
@@ -49,6 +56,23 @@ LOG = logging.getLogger("rtp_relay.client")
 
 class _NoReply(Exception):
     """No reply within the retransmission budget."""
+
+
+_T = TypeVar("_T")
+
+
+@attrs.frozen
+class _Ask:
+    """One command an operation needs answered: where, what, its fields."""
+
+    address: Address
+    op: str
+    fields: dict[str, Any]
+
+
+_Steps = Generator[_Ask, "dict[str, Any] | None", _T]
+"""An operation written once for both clients: it yields the commands it
+needs answered and is sent each reply (None: no reply after the retries)."""
 
 
 @attrs.frozen
@@ -93,6 +117,7 @@ class RelayClient:
         self._reported: set[str] = set()
         self._lost: list[tuple[str, str]] = []
         self._misses: dict[int, int] = {}
+        self._pool: list[socket.socket] = []  # the event loop's sockets (``*_async``)
 
     # ------------------------------------------------------------ transport
 
@@ -154,17 +179,85 @@ class RelayClient:
                 replies[reply["c"]] = reply
         return replies
 
+    def _run(self, steps: _Steps[_T]) -> _T:
+        """Carry out an operation's exchanges over this thread's socket."""
+        try:
+            ask = next(steps)
+            while True:
+                try:
+                    reply: dict[str, Any] | None = self._exchange(ask.address, ask.op, **ask.fields)
+                except _NoReply:
+                    reply = None
+                ask = steps.send(reply)
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+    async def _run_async(self, steps: _Steps[_T]) -> _T:
+        """Carry out an operation's exchanges without blocking the event loop."""
+        try:
+            ask = next(steps)
+            while True:
+                ask = steps.send(await self._exchange_async(ask))
+        except StopIteration as done:
+            result: _T = done.value
+            return result
+
+    async def _exchange_async(self, ask: _Ask) -> dict[str, Any] | None:
+        """``_exchange`` on a non-blocking socket of the pool (one command per
+        socket at a time, so replies need no sorting); None when no reply came."""
+        import anyio
+
+        cookie, datagram = self._request(ask.op, **ask.fields)
+        pool = self._pool
+        sock = pool.pop() if pool else self._pooled_socket()
+        try:
+            for _attempt in range(1 + self.retries):
+                try:
+                    sock.sendto(datagram, ask.address)
+                except BlockingIOError:
+                    pass  # a full send buffer: as a lost datagram, retransmitted
+                except OSError as exc:
+                    LOG.debug("relay control send to %s failed: %s", ask.address, exc)
+                deadline = time.monotonic() + self.timeout
+                while (remaining := deadline - time.monotonic()) > 0:
+                    with anyio.move_on_after(remaining):
+                        await anyio.wait_readable(sock)
+                    try:
+                        data = sock.recv(65535)
+                    except (BlockingIOError, ConnectionRefusedError):
+                        continue  # nothing yet, or an ICMP error about an earlier send
+                    except OSError:
+                        return None  # closed under us (close())
+                    try:
+                        reply = open_datagram(self._secret, data)
+                    except BadDatagram:
+                        continue
+                    if reply["c"] == cookie:
+                        return reply
+            return None
+        finally:
+            if sock.fileno() >= 0:
+                pool.append(sock)
+
+    def _pooled_socket(self) -> socket.socket:
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        with self._lock:
+            self._sockets.append(sock)
+        return sock
+
     def _shard_table(self) -> dict[int, Address]:
         """The shards' control addresses, asked once from the shared control port."""
+        return self._run(self._shard_table_steps())
+
+    def _shard_table_steps(self) -> _Steps[dict[int, Address]]:
         with self._lock:
             if self._shards and not self._refresh:
                 return dict(self._shards)
-        try:
-            reply = self._exchange(self.control, "info")
-        except _NoReply:
-            raise MediaUnavailable(
-                f"relay at {self.control[0]}:{self.control[1]} does not answer"
-            ) from None
+        reply = yield _Ask(self.control, "info", {})
+        if reply is None:
+            raise MediaUnavailable(f"relay at {self.control[0]}:{self.control[1]} does not answer")
         if not reply.get("ok"):
             raise MediaUnavailable(f"relay refused info: {reply.get('error')}")
         try:
@@ -183,24 +276,26 @@ class RelayClient:
     def allocate(self, call_ref: str, *, a_peer: Address | None, echo: bool) -> MediaAllocation:
         """Reserve ports for a call (two pairs, or one for echo). Idempotent per
         ``call_ref``. Raises MediaUnavailable when every shard is full or silent."""
+        return self._run(self._allocate_steps(call_ref, a_peer, echo))
+
+    def _allocate_steps(
+        self, call_ref: str, a_peer: Address | None, echo: bool
+    ) -> _Steps[MediaAllocation]:
         with self._lock:
             placed = self._calls.get(call_ref)
         if placed is not None:
             return placed.allocation
-        table = self._shard_table()
+        table = yield from self._shard_table_steps()
         order = sorted(table)
         start = next(self._round_robin) % len(order)
         exhausted = 0
         for index in order[start:] + order[:start]:
-            try:
-                reply = self._exchange(
-                    table[index],
-                    "allocate",
-                    call=call_ref,
-                    a_peer=list(a_peer) if a_peer else None,
-                    echo=echo,
-                )
-            except _NoReply:
+            reply = yield _Ask(
+                table[index],
+                "allocate",
+                {"call": call_ref, "a_peer": list(a_peer) if a_peer else None, "echo": echo},
+            )
+            if reply is None:
                 LOG.warning("relay shard %d at %s does not answer", index, table[index])
                 continue
             if reply.get("ok"):
@@ -231,6 +326,12 @@ class RelayClient:
             self._refresh = True
         raise MediaUnavailable("relay shards do not answer")
 
+    async def allocate_async(
+        self, call_ref: str, *, a_peer: Address | None, echo: bool
+    ) -> MediaAllocation:
+        """``allocate`` from an event loop (AnyIO), without a worker thread."""
+        return await self._run_async(self._allocate_steps(call_ref, a_peer, echo))
+
     def update(
         self,
         call_ref: str,
@@ -242,36 +343,65 @@ class RelayClient:
     ) -> None:
         """Tell the relay the SDP addresses of each side, and each side's
         telephone-event payload type. Raises MediaUnavailable."""
+        self._run(self._update_steps(call_ref, a_peer, b_peer, a_events, b_events))
+
+    def _update_steps(
+        self,
+        call_ref: str,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None,
+        b_events: int | None,
+    ) -> _Steps[None]:
         placed, address = self._placement(call_ref)
         if placed is None or address is None:
             raise MediaUnavailable(f"no relay allocation for {call_ref}")
-        try:
-            reply = self._exchange(
-                address,
-                "update",
-                call=call_ref,
-                a_peer=list(a_peer) if a_peer else None,
-                b_peer=list(b_peer) if b_peer else None,
-                a_events=a_events,
-                b_events=b_events,
-            )
-        except _NoReply:
-            raise MediaUnavailable("relay shard does not answer") from None
+        reply = yield _Ask(
+            address,
+            "update",
+            {
+                "call": call_ref,
+                "a_peer": list(a_peer) if a_peer else None,
+                "b_peer": list(b_peer) if b_peer else None,
+                "a_events": a_events,
+                "b_events": b_events,
+            },
+        )
+        if reply is None:
+            raise MediaUnavailable("relay shard does not answer")
         if not reply.get("ok") or reply.get("inc") != placed.incarnation:
             raise MediaUnavailable(f"relay refused update: {reply.get('error', 'shard restarted')}")
+
+    async def update_async(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+    ) -> None:
+        """``update`` from an event loop (AnyIO), without a worker thread."""
+        await self._run_async(self._update_steps(call_ref, a_peer, b_peer, a_events, b_events))
+
+    async def release_async(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:
+        """``release`` from an event loop (AnyIO), without a worker thread."""
+        return await self._run_async(self._release_steps(call_ref))
 
     def release(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:
         """Free a call's ports; its final (A-leg, B-leg) figures, or (None, None)
         when the relay lost the call or does not answer (logged)."""
+        return self._run(self._release_steps(call_ref))
+
+    def _release_steps(self, call_ref: str) -> _Steps[tuple[MediaStats | None, MediaStats | None]]:
         placed, address = self._placement(call_ref)
         with self._lock:
             self._calls.pop(call_ref, None)
             self._reported.discard(call_ref)
         if placed is None or address is None:
             return None, None
-        try:
-            reply = self._exchange(address, "delete", call=call_ref)
-        except _NoReply:
+        reply = yield _Ask(address, "delete", {"call": call_ref})
+        if reply is None:
             LOG.warning(
                 "relay did not answer delete of %s; its ports are freed by the media timeout",
                 call_ref,
@@ -409,6 +539,7 @@ class RelayClient:
             for sock in self._sockets:
                 sock.close()
             self._sockets.clear()
+        self._pool = []
         self._local = threading.local()
 
 

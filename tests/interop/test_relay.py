@@ -608,3 +608,56 @@ def test_range_for_one_call_over_two_shards_carries_it() -> None:
     finally:
         client.close()
         relay.stop()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_operations_from_an_event_loop(relay: LocalRelay, backend: str) -> None:
+    """allocate/update/release_async: concurrent calls from one event loop, the
+    same results as the blocking calls, media relayed, and a silent relay refused."""
+    import anyio
+
+    client = relay.client()
+    silent_port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent_port.bind(("127.0.0.1", 0))
+    silent = RelayClient(silent_port.getsockname(), SECRET, timeout=0.05, retries=1)
+    phone, carrier = Endpoint(), Endpoint()
+    results: dict[str, MediaAllocation] = {}
+
+    async def one(ref: str) -> None:
+        results[ref] = await client.allocate_async(ref, a_peer=None, echo=False)
+
+    async def main() -> None:
+        refs = [f"async-{i}-{os.urandom(3).hex()}" for i in range(8)]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                for ref in refs:
+                    group.start_soon(one, ref)
+            # Idempotent per call, like the blocking client; shared bookkeeping.
+            again = await client.allocate_async(refs[0], a_peer=None, echo=False)
+            assert again == results[refs[0]] == client.allocate(refs[0], a_peer=None, echo=False)
+            first = results[refs[0]]
+            await client.update_async(
+                refs[0], a_peer=phone.address, b_peer=carrier.address, b_events=101
+            )
+            phone.send(rtp(1), a_side(first))
+            got = carrier.recv()
+            assert got is not None and got == (rtp(1), b_side(first))
+            for ref in refs:
+                a_stats, b_stats = await client.release_async(ref)
+                assert a_stats is not None and b_stats is not None
+            assert await client.release_async(refs[0]) == (None, None)
+            with pytest.raises(MediaUnavailable):
+                await client.update_async(refs[0], a_peer=None, b_peer=None)
+            with pytest.raises(MediaUnavailable):
+                await silent.allocate_async("nobody-answers", a_peer=None, echo=False)
+
+    try:
+        anyio.run(main, backend=backend)
+    finally:
+        client.close()
+        silent.close()
+        silent_port.close()
+        phone.close()
+        carrier.close()
+    ports = [p for a in results.values() for p in (a.a_port, a.b_port)]
+    assert len(results) == 8 and len(set(ports)) == 16
