@@ -116,6 +116,15 @@ _ADDR_SPEC_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*:{_ADDR_SPEC_CHARS}+)
 _URI_COMMON = re.compile(rf"[A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+")
 """A URI as every stack writes one (ASCII); anything it refuses still gets
 the full grammar's judgement."""
+# The From and To nearly every stack writes: ``<uri>`` or ``"name" <uri>``
+# or a bare addr-spec, with a ``;tag`` or nothing. Groups: display name,
+# URI, tag of the angle form; URI, tag of the addr-spec. One regex call and
+# no parameter splitting; the message layer tries it before parse_name_addr,
+# which gives the same result for every value it matches.
+_FROM_TO_COMMON = re.compile(
+    rf'(?:"([^"\\\r\n]*)" ?)?<([A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+)>(?:;tag=([{_TOKEN_CHARS}]+))?'
+    rf"|([A-Za-z][A-Za-z0-9+\-.]*:{_ADDR_SPEC_CHARS}+)(?:;tag=([{_TOKEN_CHARS}]+))?"
+)
 _TRANSPORTS = frozenset({"UDP", "TCP", "TLS", "SCTP", "WS", "WSS"})
 # [display-name] <uri> params, with display-name quoted or a run of text.
 _NAME_ADDR_PLAIN = re.compile(

@@ -57,6 +57,7 @@ from typing import Any, Literal
 from ._errors import ParseError
 from ._headers import (
     _COMPACT_LOWER,
+    _FROM_TO_COMMON,
     _KNOWN_METHODS,
     _TOKEN,
     _URI_COMMON,
@@ -144,6 +145,8 @@ _REQUIRED = (
     ("call-id", "Call-ID"),
     ("cseq", "CSeq"),
 )
+_REQUIRED_KEYS = frozenset(key for key, _ in _REQUIRED)
+_new = object.__new__
 
 _SEP = ": "
 """The separator every stack writes between name and value. A field is kept
@@ -463,10 +466,21 @@ class _Message(abc.ABC):
             raise self._fail(f"Missing {label}")
         if len(present) != len(keys) and keys.count(key) > 1:
             raise self._fail(f"Bad {label}: more than one")
-        try:
-            value = parse_name_addr(headers._fields[keys.index(key)][2], header=label)
-        except ParseError as exc:
-            raise self._fail(exc.reason) from None
+        text = headers._fields[keys.index(key)][2]
+        m = _FROM_TO_COMMON.fullmatch(text)
+        value: NameAddr
+        if m is not None:  # <uri>;tag=x, "name" <uri>, uri;tag=x: read on every message
+            display, uri, tag, spec, spec_tag = m.groups()
+            if uri is not None:
+                value = NameAddr(display, uri, () if tag is None else (("tag", tag),))
+            else:
+                params = () if spec_tag is None else (("tag", spec_tag),)
+                value = NameAddr(None, spec, params, False)
+        else:
+            try:
+                value = parse_name_addr(text, header=label)
+            except ParseError as exc:
+                raise self._fail(exc.reason) from None
         headers._cache[key] = value
         return value
 
@@ -794,16 +808,19 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     fields = [line.partition(_SEP) for line in lines]
     known = _KNOWN_NAMES
     keys_or_none = [known.get(name) for name, _, _ in fields]
-    if None in keys_or_none:
+    present_or_none = set(keys_or_none)
+    keys: list[str]
+    present: set[str]
+    if None in present_or_none:  # a set look-up, not a comparison per key
         lines, fields, keys = _fix_fields(lines, fields, keys_or_none, status)
+        present = set(keys)
     else:
         keys = keys_or_none  # type: ignore[assignment]  # no None in it
+        present = present_or_none  # type: ignore[assignment]
     if "\t" in text or "  " in head or " \r" in head or head[-1] == " ":
         # LWS the partition left around a value (rare): strip them all.
         fields = [(name, sep, value.strip(" \t")) for name, sep, value in fields]
-    present = set(keys)
     repeated = len(present) != len(keys)
-    headers = Headers._trusted(fields, (keys, present))
 
     body_start = head_end + 4
     if "content-length" in present:
@@ -811,7 +828,7 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
         if (
             repeated
             and keys.count("content-length") > 1
-            and len({fields[j][2] for j in headers._key_positions("content-length")}) > 1
+            and len({f[2] for f, k in zip(fields, keys, strict=True) if k == "content-length"}) > 1
         ):
             raise ParseError("Conflicting Content-Length", status)
         if not (value.isascii() and value.isdigit()) or len(value) > 10:
@@ -826,35 +843,56 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     # What every element relies on before anything else (RFC 4475 §3.1.2,
     # §3.3.1). Via, From and To are only looked for here: they are parsed
     # (and a repeated From or To refused) on first access.
-    for key, label in _REQUIRED:
-        if key not in present:
-            raise ParseError(f"Missing {label}", status)
+    if not present >= _REQUIRED_KEYS:
+        for key, label in _REQUIRED:
+            if key not in present:
+                raise ParseError(f"Missing {label}", status)
     call_id = fields[keys.index("call-id")][2]
-    if not _is_call_id(call_id):
-        raise ParseError("Bad Call-ID", status)
+    if not (call_id.isascii() and call_id.isprintable()) or " " in call_id or not call_id:
+        raise ParseError("Bad Call-ID", status)  # callid = word ["@" word] (§25.1)
     if repeated and keys.count("cseq") > 1:
         raise ParseError("Bad CSeq: more than one", status)
-    try:
-        cseq = parse_cseq(fields[keys.index("cseq")][2])
-    except ParseError as exc:
-        raise ParseError(exc.reason, status) from None
-    cache = headers._cache
-    cache["call_id"] = call_id
-    cache["cseq"] = cseq
+    cseq_text = fields[keys.index("cseq")][2]
+    number, _, cseq_method = cseq_text.partition(" ")
+    if (
+        cseq_method in _KNOWN_METHODS
+        and number.isdigit()
+        and number.isascii()
+        and len(number) < 10  # below 2**31 without converting twice
+    ):
+        cseq = CSeq(int(number), cseq_method)  # "<digits> <METHOD>", as stacks write it
+    else:
+        try:
+            cseq = parse_cseq(cseq_text)
+        except ParseError as exc:
+            raise ParseError(exc.reason, status) from None
+    # The message and its headers, built directly: the parser has already
+    # checked everything their constructors would.
+    headers = _new(Headers)
+    headers._fields = fields
+    headers._index = (keys, present)
+    headers._cache = {"call_id": call_id, "cseq": cseq}
 
     message: Request | Response
     if is_response:
-        message = Response(code, reason, headers, body, version)
+        message = _new(Response)
+        message.status_code = code
+        message.reason = reason
     else:
         if cseq.method != method:
             raise ParseError("CSeq method does not match", status)
-        message = Request(method, uri, headers, body, version)
+        message = _new(Request)
+        message.method = method
+        message.uri = uri
         if method == "REGISTER" and "contact" in present:
             # The registrar judges the binding before it challenges (RFC 4475
             # §3.1.2.13 regbadct: 400, not 401).
-            cache["contacts"] = _parse_contacts(
+            headers._cache["contacts"] = _parse_contacts(
                 fields, headers._key_positions("contact"), message._fail
             )
+    message.headers = headers
+    message.body = body
+    message.version = version
     if "date" in present:
         for j in headers._key_positions("date"):
             if not _DATE.fullmatch(fields[j][2]):
