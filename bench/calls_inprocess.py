@@ -27,16 +27,19 @@ calls are up at once and the transaction and call timers fire on the way.
 
 ``--relay`` measures the relay's control per call instead, the same two ways
 (allocate, update and delete: the client's framing and the shard's handling,
-in process, with no socket between them).
+in process, with no socket between them). ``--relay-loop`` measures a
+driver's side of those commands against a local relay: the CPU of this
+process per call through worker threads and awaited directly.
 
   python3 bench/calls_inprocess.py [--n 2000] [--rate 200] [--hold 10]
-                                   [--profile] [--callgrind] [--relay]
+                                   [--profile] [--callgrind] [--relay] [--relay-loop]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import gc
 import heapq
 import os
@@ -427,6 +430,66 @@ def relay_calls(n: int, *, handle: bool) -> float:
     return time.process_time() - t0
 
 
+def relay_from_a_loop(n: int) -> None:
+    """A driver's side of the relay's control: the CPU this process spends per
+    call on the three commands, sent to a local relay (its own processes) from
+    an AnyIO loop through worker threads (the blocking client) and awaited
+    directly (``*_async``), alternately, twice."""
+    import anyio
+
+    from rtp_relay import RelayConfig, start_local_relay
+
+    config = RelayConfig(
+        secret=b"relay-bench-secret-0123456789",
+        control=("127.0.0.1", 0),
+        rtp_range=(52000, 53999),
+        shards=1,
+        media_host="127.0.0.1",
+        log_level="error",
+    )
+    relay = start_local_relay(config)
+    client = relay.client()
+
+    async def threads(count: int, tag: str) -> None:
+        for i in range(count):
+            ref = f"{tag}{i:08d}"
+            await anyio.to_thread.run_sync(
+                functools.partial(client.allocate, ref, a_peer=("127.0.0.1", 6000), echo=False)
+            )
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    client.update, ref, a_peer=None, b_peer=("127.0.0.1", 6002), a_events=101
+                )
+            )
+            await anyio.to_thread.run_sync(client.release, ref)
+
+    async def awaited(count: int, tag: str) -> None:
+        for i in range(count):
+            ref = f"{tag}{i:08d}"
+            await client.allocate_async(ref, a_peer=("127.0.0.1", 6000), echo=False)
+            await client.update_async(ref, a_peer=None, b_peer=("127.0.0.1", 6002), a_events=101)
+            await client.release_async(ref)
+
+    async def main() -> None:
+        await threads(20, "warm-t")
+        await awaited(20, "warm-a")
+        for round_ in range(2):
+            for name, run in (("worker threads", threads), ("awaited", awaited)):
+                t0, w0 = time.process_time(), time.monotonic()
+                await run(n, f"{name[0]}{round_}-")
+                cpu, wall = time.process_time() - t0, time.monotonic() - w0
+                print(
+                    f"relay commands {name:<15} {cpu / n * 1e6:7,.0f} us CPU per call in this "
+                    f"process, {wall / n * 1e3:.2f} ms wall (n={n})"
+                )
+
+    try:
+        anyio.run(main)
+    finally:
+        client.close()
+        relay.stop()
+
+
 def callgrind_relay(args: argparse.Namespace) -> None:
     counts = []
     for k in (0, args.n):
@@ -485,7 +548,15 @@ def main() -> None:
     ap.add_argument(
         "--relay", action="store_true", help="the relay's control per call instead of the engine"
     )
+    ap.add_argument(
+        "--relay-loop",
+        action="store_true",
+        help="a driver's CPU per call for the relay commands: worker threads vs awaited",
+    )
     args = ap.parse_args()
+    if args.relay_loop:
+        relay_from_a_loop(min(args.n, 1000))
+        return
     if args.relay:
         if args.callgrind:
             callgrind_relay(args)
