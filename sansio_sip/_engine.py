@@ -44,13 +44,13 @@ from ._errors import ParseError, RemoteProtocolError
 from ._events import ResponseReceived, TransactionTimedOut, TransportFailed
 from ._framing import StreamFramer
 from ._guard import Guard
-from ._headers import NameAddr, parse_contact, parse_name_addr
+from ._headers import NameAddr, parse_name_addr
 from ._message import Request, Response, parse_message
 from ._model import Account, Address, MediaAllocation, Transport
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
 from ._tu import Responder, context_of
-from ._uri import SipUri, TelUri, parse_uri
+from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 from ._wire import format_address, stateless_error_response
 
 __all__ = ["Engine"]
@@ -61,6 +61,11 @@ client and we never demand it), no session timers (so `timer` is left out of
 Supported and a pjsua call works without refreshes), no outbound."""
 
 _ACCEPT = "application/sdp"
+
+_URI_KINDS = 4096
+"""URIs whose kind the engine remembers (``Engine._uri_kind``): room for the
+Request-URIs and addresses-of-record of a few thousand registering clients;
+past it the memory starts over, which costs only a re-parse."""
 
 _COUNTED_METHODS = frozenset(
     {
@@ -125,6 +130,9 @@ class Engine:
         self._delayed: list[tuple[float, int, ServerTransaction, Request, str]] = []
         self._delay_seq = 0
         self._last_now = 0.0
+        self._date_second = -1
+        self._date_text = ""
+        self._uri_kinds: dict[str, type[SipUri | TelUri | AbsoluteUri]] = {}
         self._responder = Responder(self._transactions, entropy, self._counters, config.server_name)
         self._calls = CallManager(
             responder=self._responder,
@@ -643,8 +651,7 @@ class Engine:
         allowed = self.config.allowed_methods
         if request.method not in allowed:
             return 405, "Method Not Allowed", (("Allow", ", ".join(allowed)),)
-        uri = parse_uri(request.uri)
-        if not isinstance(uri, (SipUri, TelUri)):
+        if self._uri_kind(request.uri) is AbsoluteUri:
             return 416, "Unsupported URI Scheme", ()
         required = [
             tag
@@ -659,7 +666,7 @@ class Engine:
                 return 415, "Unsupported Media Type", (("Accept", _ACCEPT),)
         if request.method == "INVITE" and request.max_forwards == 0:
             return 483, "Too Many Hops", ()
-        if request.method == "REGISTER" and not isinstance(request.to.parsed_uri, SipUri):
+        if request.method == "REGISTER" and self._uri_kind(request.to.uri) is not SipUri:
             # RFC 3261 §10.2: an address-of-record is a SIP or SIPS URI.
             return 400, "Address-of-record is not a SIP URI", ()
         return None
@@ -970,10 +977,10 @@ class Engine:
         """200 OK echoing the Contacts with their granted expiry (RFC 3261 §10.3
         step 8), storing nothing (guide §8: no persistent bindings)."""
         header_expires = _int_or_none(request.headers.get("Expires"))
-        contacts = request.headers.get_all("Contact")
+        # The parser judged a REGISTER's Contacts already (and keeps them parsed).
+        contacts = request.contacts
         echoed: list[tuple[str, str]] = []
-        for value in contacts:
-            contact = parse_contact(value)
+        for contact in contacts:
             if contact == "*":
                 if len(contacts) != 1 or header_expires != 0:
                     self._respond(
@@ -990,7 +997,7 @@ class Engine:
                 continue  # unREGISTER of this contact: nothing bound, nothing to list
             granted = min(requested, self.config.register_expires)
             echoed.append(("Contact", _with_expires(contact, granted)))
-        headers = [*echoed, ("Date", email.utils.formatdate(wall, usegmt=True))]
+        headers = [*echoed, ("Date", self._date(wall))]
         self._respond(transaction, request, 200, "OK", now, wall, out, headers=tuple(headers))
         out.append(
             Log(
@@ -1006,6 +1013,28 @@ class Engine:
         )
 
     # ---------------------------------------------------------------- helpers
+
+    def _date(self, wall: float) -> str:
+        """The Date header value for ``wall`` (RFC 3261 §20.17: whole seconds),
+        formatted once per second however many answers carry it."""
+        second = int(wall)
+        if second != self._date_second:
+            self._date_second = second
+            self._date_text = email.utils.formatdate(second, usegmt=True)
+        return self._date_text
+
+    def _uri_kind(self, text: str) -> type[SipUri | TelUri | AbsoluteUri]:
+        """The class ``parse_uri(text)`` returns, remembered for URIs seen
+        before (clients repeat their Request-URI and address-of-record on
+        every request). Raises ``ParseError`` like ``parse_uri``; failures
+        are not remembered. At ``_URI_KINDS`` entries the memory starts over."""
+        kind = self._uri_kinds.get(text)
+        if kind is None:
+            kind = type(parse_uri(text))
+            if len(self._uri_kinds) >= _URI_KINDS:
+                self._uri_kinds.clear()
+            self._uri_kinds[text] = kind
+        return kind
 
     def _respond(
         self,
@@ -1047,18 +1076,17 @@ def _with_expires(contact: NameAddr, granted: int) -> str:
 
 def _unregisters(request: Request) -> bool:
     """A REGISTER that removes its bindings (Expires: 0, or every contact expires=0)."""
-    header = _int_or_none(request.headers.get("Expires"))
-    contacts = request.headers.get_all("Contact")
+    try:
+        contacts = request.contacts
+    except ParseError:
+        return False
     if not contacts:
         return False
-    for value in contacts:
-        if value.strip() == "*":
+    header = _int_or_none(request.headers.get("Expires"))
+    for contact in contacts:
+        if contact == "*":
             return header == 0
-        try:
-            contact = parse_contact(value)
-        except ParseError:
-            return False
-        expires = _int_or_none(contact.param("expires")) if contact != "*" else None
+        expires = _int_or_none(contact.param("expires"))
         if (expires if expires is not None else header) != 0:
             return False
     return True

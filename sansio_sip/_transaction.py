@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from typing import NamedTuple
 
 import attrs
 
@@ -266,6 +267,16 @@ class ClientTransaction:
 
 
 _Transaction = ServerTransaction | ClientTransaction
+
+
+class _Outgoing(NamedTuple):
+    """A response from the TU on its way out: status, bytes, To tag."""
+
+    status: int
+    data: bytes
+    to_tag: str | None
+
+
 _Peer = tuple[Address, Transport]
 
 
@@ -461,7 +472,7 @@ class TransactionLayer:
             _with_param(params, "received", ip, before="rport")
         if wants_rport:
             _with_param(params, "rport", str(port))
-        return attrs.evolve(via, params=tuple(params))
+        return Via(via.protocol, via.transport, via.host, via.port, tuple(params))
 
     def match_server(self, request: Request) -> ServerTransaction | None:
         """The server transaction ``request`` belongs to, or None (§17.2.3).
@@ -579,16 +590,39 @@ class TransactionLayer:
         the response (e.g. a second final response).
         """
         status = response.status_code
+        self._check_response(transaction, status)
+        data = bytes(response)
+        # Only RFC 2543 ACK matching needs the tag (§17.2.3); spare the parse otherwise.
+        to_tag = response.to.tag if status >= 200 and transaction.key[0] == "2543" else None
+        return self._step(
+            transaction, _input_for_status(status), _Outgoing(status, data, to_tag), None, now
+        )
+
+    def respond_with(
+        self,
+        transaction: ServerTransaction,
+        status: int,
+        data: bytes,
+        *,
+        to_tag: str | None,
+        now: float,
+    ) -> list[Send | Event]:
+        """``respond`` for a response the TU has already serialised: ``data``
+        is its bytes, ``status`` its status code and ``to_tag`` the tag of its
+        To header. Same results and errors as ``respond``."""
+        self._check_response(transaction, status)
+        return self._step(
+            transaction, _input_for_status(status), _Outgoing(status, data, to_tag), None, now
+        )
+
+    def _check_response(self, transaction: ServerTransaction, status: int) -> None:
         if not 100 <= status <= 699:
             raise LocalProtocolError(f"Status code {status} is outside 100-699")
-        kind = _input_for_status(status)
-        key = (transaction.machine, transaction.state, kind)
-        if key not in _TRANSITIONS:
+        if (transaction.machine, transaction.state, _input_for_status(status)) not in _TRANSITIONS:
             raise LocalProtocolError(
                 f"Cannot send a {status} response in state {transaction.state.name} "
                 f"of the {transaction.machine.value} transaction"
             )
-        return self._step(transaction, kind, response, None, now)
 
     # ------------------------------------------------------------------ client side
 
@@ -741,7 +775,7 @@ class TransactionLayer:
         self,
         transaction: _Transaction,
         kind: _Input,
-        response: Response | None,
+        response: Response | _Outgoing | None,
         timer: TimerName | None,
         now: float,
     ) -> list[Send | Event]:
@@ -763,7 +797,7 @@ class TransactionLayer:
         self,
         transaction: _Transaction,
         effect: _Effect,
-        response: Response | None,
+        response: Response | _Outgoing | None,
         timer: TimerName | None,
         now: float,
     ) -> list[Send | Event]:
@@ -776,23 +810,23 @@ class TransactionLayer:
             return [TransportFailed(transaction)]
         if isinstance(transaction, ServerTransaction):
             return self._perform_server(transaction, effect, response, now)
+        assert not isinstance(response, _Outgoing)
         return self._perform_client(transaction, effect, response, timer, now)
 
     def _perform_server(
         self,
         transaction: ServerTransaction,
         effect: _Effect,
-        response: Response | None,
+        response: Response | _Outgoing | None,
         now: float,
     ) -> list[Send | Event]:
         if effect is _Effect.SEND_RESPONSE:
-            assert response is not None
-            data = bytes(response)
+            assert isinstance(response, _Outgoing)
+            status, data, to_tag = response
             transaction.last_response = data
-            transaction.last_status = response.status_code
-            if response.status_code >= 200 and transaction.key[0] == "2543":
-                # Only RFC 2543 ACK matching needs the tag (§17.2.3); spare the parse otherwise.
-                transaction.final_to_tag = response.to.tag
+            transaction.last_status = status
+            if status >= 200 and transaction.key[0] == "2543":
+                transaction.final_to_tag = to_tag
             return [self._send_response(transaction, data)]
         if transaction.last_response is None:  # RESEND_* before any response: nothing to re-send
             return []
