@@ -71,7 +71,7 @@ _QOP_VALUES = ("auth", "auth-int")
 # RFC 3261 §25.1 token characters.
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _LWS = " \t\r\n"
-_HEX = frozenset("0123456789abcdefABCDEF")
+_NC = re.compile(r"[0-9a-fA-F]{8}")  # RFC 2617 §3.2.2: nc-value = 8LHEX
 
 
 class UnsupportedScheme(ParseError):
@@ -152,14 +152,14 @@ def compute_response(
 _FOLD = re.compile(r"(?:\r\n|\r|\n)+[ \t]+")
 _TOKEN_RE = re.compile(r"[ \t\r\n]*([A-Za-z0-9\-.!%*_+`'~]+)")
 _SEPARATORS = re.compile(r"[ \t\r\n,]*")
-# name = value, then a comma or the end. The value is a quoted-string
+# Separators (commas, LWS), then name = value, then a comma or the end. The value is a quoted-string
 # (RFC 3261 §25.1: qdtext or quoted-pair, no CTLs), a single-quoted string
 # (Ekiga 3.2.7 quotes every Digest value that way, see
 # shared/testdata/softphones/ekiga-3.2.7-*.sip: accepting it costs nothing,
 # a wrong value only fails to verify), or a bare run of visible characters
 # (a token, or the bare URI some clients send).
 _PARAM = re.compile(
-    r"[ \t\r\n]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t\r\n]*=[ \t\r\n]*"
+    r"[ \t\r\n,]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t\r\n]*=[ \t\r\n]*"
     r'(?:"((?:[^"\\\x00-\x08\x0a-\x1f\x7f]++|\\[^\x00-\x08\x0a-\x1f\x7f])*+)"'
     r"|'([^'\x00-\x08\x0a-\x1f\x7f]*)'"
     r'|([^ \t\r\n,"\x00-\x1f\x7f]++))'
@@ -176,7 +176,8 @@ def _parse_params(value: str, what: str) -> tuple[tuple[str, str], ...]:
     twice is refused: two values for ``response`` or ``nonce`` leave no safe
     choice (RFC 7616 §3.4: each directive at most once).
     """
-    value = _FOLD.sub(" ", value)
+    if "\r" in value or "\n" in value:
+        value = _FOLD.sub(" ", value)
     scheme = _TOKEN_RE.match(value)
     if scheme is None:
         raise ParseError(f"Bad {what} header")
@@ -189,13 +190,12 @@ def _parse_params(value: str, what: str) -> tuple[tuple[str, str], ...]:
     params: list[tuple[str, str]] = []
     seen: set[str] = set()
     while True:
-        separators = _SEPARATORS.match(value, pos)
-        if separators is not None:  # always: the pattern matches ""
-            pos = separators.end()
-        if pos >= n:
-            break
+        # Separators and the next parameter in one match; when it fails, the
+        # rest must be separators only (the end of the list).
         match = _PARAM.match(value, pos)
         if match is None:
+            if _SEPARATORS.fullmatch(value, pos):
+                break
             raise ParseError(f"Bad {what} header")
         name, quoted, single, bare = match.groups()
         name = name.lower()
@@ -256,7 +256,7 @@ def parse_authorization(value: str, *, header: str = "Authorization") -> DigestC
             raise ParseError("Missing nc")
         if cnonce is None:
             raise ParseError("Missing cnonce")
-    if nc is not None and (len(nc) != 8 or not all(c in _HEX for c in nc)):
+    if nc is not None and not _NC.fullmatch(nc):
         raise ParseError(f"Bad nc in {header} header")
     return DigestCredentials(
         username=found["username"],
@@ -488,6 +488,9 @@ NONCE_SKEW = 10.0
 have NTP-synchronised but not identical clocks. Beyond this it is INVALID."""
 
 _MAC_SIZE = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 §5 allows ≥ half)
+_SHA256_BLOCK = 64  # bytes (RFC 2104 §2: B)
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # translate tables: each key byte XOR ipad / opad
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 _MAX_SALT = 32
 _STAMP_SIZE = 5  # whole seconds, big-endian: enough until the year 36812
 
@@ -499,7 +502,7 @@ def _b64url(data: bytes) -> str:
 def _unb64url(text: str) -> bytes | None:
     if not text or len(text) > 128 or len(text) % 4 == 1:
         return None
-    if any(c not in _B64URL for c in text):
+    if not _B64URL_TEXT.fullmatch(text):
         return None
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -507,7 +510,7 @@ def _unb64url(text: str) -> bytes | None:
         return None
 
 
-_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_B64URL_TEXT = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class NonceFactory:
@@ -527,9 +530,21 @@ class NonceFactory:
             raise ValueError("nonce lifetime must be positive")
         self._secret = secret
         self.lifetime = lifetime
+        # HMAC (RFC 2104) with its two keyed hash states computed once: each
+        # MAC then copies them instead of keying a new HMAC object (half the
+        # cost of hmac.new per nonce made or checked).
+        key = secret if len(secret) <= _SHA256_BLOCK else hashlib.sha256(secret).digest()
+        key = key.ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, payload, hashlib.sha256).digest()[:_MAC_SIZE]
+        """HMAC-SHA256(secret, payload), truncated to ``_MAC_SIZE`` bytes."""
+        inner = self._inner.copy()
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_MAC_SIZE]
 
     def make(self, *, wall: float, salt: bytes) -> str:
         """A fresh nonce stamped ``wall`` (seconds since the epoch). ``salt``
