@@ -27,6 +27,10 @@ Defaults and their reasoning:
   timeout (200 ms for SQLite). Three strikes, not one: on a loaded host the
   loop itself is preempted for milliseconds, and one such hiccup must not
   put the fast path away (it did, at every start, in bench/register.py).
+  A look-up that overran without sleeping and without using its budget of
+  CPU is no strike (Linux, per-thread rusage): the loop was only kept off the
+  CPU by a busy host, which says nothing about the store (a slow store makes
+  the loop sleep on a lock or the disk, or compute).
 * ``relay_timeout`` = 2 s: the relay client retries on its own (3 x 0.5 s);
   this bounds the whole call.
 * ``tcp_idle_timeout`` = 3,600 s: a NATed softphone on TCP is reachable only

@@ -392,3 +392,31 @@ def test_shutdown_without_calls_does_not_wait_for_the_grace_period(driver: str) 
         run.stop_server()
         assert run.done.wait(WAIT)
         assert run.engine.ended_all
+
+
+def test_slow_inline_lookup_while_preempted_is_no_strike(
+    driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if driver == "socket":
+        pytest.skip("io_socket calls the store inline by design (io_socket/server.py)")
+    import io_anyio.server
+
+    # The thread never slept and used no CPU: only the busy host made it late.
+    monkeypatch.setattr(io_anyio.server, "_thread_usage", lambda: (7, 1.0))
+    options = {"inline_budget": 0.01, "inline_strikes": 2, "inline_cooldown": 60.0}
+    with running(driver, **options) as run, udp_client(run) as client:
+        run.store.delay = 0.05  # over the budget each time
+        for _ in range(3):
+            assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        stats = run.stats()
+        assert stats.get("store_inline_suspended") is None
+        assert stats["store_inline_lookups"] == 3 and stats["store_inline_preempted"] == 3
+
+
+def test_only_preempted_needs_no_sleep_and_little_cpu() -> None:
+    from io_anyio.server import _only_preempted
+
+    assert _only_preempted((5, 1.0), (5, 1.001), 0.005)
+    assert not _only_preempted((5, 1.0), (6, 1.001), 0.005)  # slept: waited for the store
+    assert not _only_preempted((5, 1.0), (5, 1.02), 0.005)  # computed past the budget
+    assert not _only_preempted(None, None, 0.005)  # unknown: the overrun counts
