@@ -100,8 +100,10 @@ _P3 = rf"(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+))?)?" * 3
 # ... and for name-addr, values may also be quoted strings without escapes
 # (Contact's +sip.instance="<urn:uuid:...>").
 _P3Q = rf'(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+|"[^"\\\r\n]*"))?)?' * 3
+# Groups: transport, sent-by as written, host, port, three parameters. A
+# port with a leading zero takes the full grammar (sent_by writes the number).
 _VIA_COMMON = re.compile(
-    r"SIP/2\.0/([A-Za-z]+) (\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([0-9]{1,5}))?" + _P3
+    r"SIP/2\.0/([A-Za-z]+) ((\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([1-9][0-9]{0,4}))?)" + _P3
 )
 # URI characters in the fast paths: printable ASCII but SP " < > (and for an
 # addr-spec also , ? ;). Listed as ranges, a bitmap test per character; the
@@ -333,6 +335,7 @@ class Via:
     host: str
     port: int | None
     params: Params = ()
+    _sent_by: str | None = attrs.field(default=None, init=False, eq=False, repr=False, hash=False)
 
     def param(self, name: str) -> str | None:
         """Value of the first parameter of that name (case-insensitive); None
@@ -374,10 +377,13 @@ class Via:
     @property
     def sent_by(self) -> str:
         """``host[:port]`` (IPv6 in brackets), as written in the Via."""
-        host = self.host
-        if ":" in host:
-            host = f"[{host}]"  # format_host, inline: read on every message
-        return host if self.port is None else f"{host}:{self.port}"
+        sent_by = self._sent_by  # the parser's fast path keeps the text it matched
+        if sent_by is None:
+            host = self.host
+            if ":" in host:
+                host = f"[{host}]"  # format_host, inline: read on every message
+            sent_by = self._sent_by = host if self.port is None else f"{host}:{self.port}"
+        return sent_by
 
     def with_params(self, *pairs: tuple[str, str | None], **kwargs: str | None) -> Via:
         """A copy with parameters set: an existing one (case-insensitive) is
@@ -404,7 +410,7 @@ def parse_via(value: str) -> Via:
     grammar allows it (RFC 4475 wsinv). Raises ``ParseError("Bad Via")``."""
     m = _VIA_COMMON.fullmatch(value)
     if m is not None:
-        transport, host, port_text, n1, v1, n2, v2, n3, v3 = m.groups()
+        transport, sent_by, host, port_text, n1, v1, n2, v2, n3, v3 = m.groups()
         port = None
         if port_text is not None:
             port = int(port_text)
@@ -414,9 +420,18 @@ def parse_via(value: str) -> Via:
             host = host[1:-1]
         if transport not in _TRANSPORTS:
             transport = transport.upper()
+        # _three_params, inline: a Via is parsed for every message.
         if n1 is None:
-            return Via("SIP/2.0", transport, host, port, ())
-        return Via("SIP/2.0", transport, host, port, _three_params(n1, v1, n2, v2, n3, v3))
+            params: Params = ()
+        elif n2 is None:
+            params = ((n1, v1),)
+        elif n3 is None:
+            params = ((n1, v1), (n2, v2))
+        else:
+            params = ((n1, v1), (n2, v2), (n3, v3))
+        via = Via("SIP/2.0", transport, host, port, params)
+        via._sent_by = sent_by
+        return via
     m = _VIA.match(value)
     if m is None:
         raise ParseError("Bad Via")

@@ -444,12 +444,14 @@ class _Message(abc.ABC):
     def top_via(self) -> Via:
         """The first Via value, parsed alone (the others wait for ``vias``);
         ParseError "Missing Via" / "Bad Via"."""
-        cache = self.headers._cache
+        headers = self.headers
+        cache = headers._cache
         value = cache.get("top_via")
         if value is None:
-            text = self.headers._value_of("via")
-            if text is None:
+            keys, present = headers._index or headers._get_index()
+            if "via" not in present:
                 raise self._fail("Missing Via")
+            text = headers._fields[keys.index("via")][2]
             if "," in text:
                 text = split_header_values(text)[0]
             try:
