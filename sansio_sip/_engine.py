@@ -231,16 +231,16 @@ class Engine:
 
     def next_timer(self) -> float | None:
         """The monotonic time at which ``handle_timer`` must next be called."""
-        deadlines = [
-            d
-            for d in (
-                self._transactions.next_timer(),
-                self._calls.next_timer(),
-                self._delayed[0][0] if self._delayed else None,
-            )
-            if d is not None
-        ]
-        return min(deadlines) if deadlines else None
+        # Called after every input: no list built for a minimum of three.
+        earliest = self._transactions.next_timer()
+        calls = self._calls.next_timer()
+        if calls is not None and (earliest is None or calls < earliest):
+            earliest = calls
+        if self._delayed:
+            delayed = self._delayed[0][0]
+            if earliest is None or delayed < earliest:
+                earliest = delayed
+        return earliest
 
     def account_found(
         self, token: int, account: Account | None, *, now: float, wall: float
@@ -338,6 +338,8 @@ class Engine:
         """Counters since start: messages, drops by reason, answers, auth outcomes, calls."""
         stats = dict(self._counters)
         stats["transactions"] = len(self._transactions)
+        if self._transactions.evicted:
+            stats["transactions_evicted"] = self._transactions.evicted
         stats["calls_active"] = self._calls.active
         stats["pending_lookups"] = len(self._pending)
         stats["bans"] = len(self._guard.bans(now=self._last_now))

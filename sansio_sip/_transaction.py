@@ -390,7 +390,10 @@ class TransactionLayer:
     """All client and server transactions of one engine (RFC 3261 §17).
 
     Tunables: ``t1``, ``t2``, ``t4`` (§17.1.1.1, Table 4); ``max_transactions``
-    bounds live transactions (DESIGN §7: a peer decides how many arrive);
+    bounds live transactions (DESIGN §7: a peer decides how many arrive; at
+    the bound the oldest answered non-INVITE server transaction still
+    absorbing retransmissions is ended early, and only when there is none is
+    a new request refused);
     ``retry_after`` is the Retry-After of the 503 refusing a new server
     transaction beyond the bound; ``force_rport`` makes ``stamp_via`` act as if
     every client asked for rport (RFC 3581), because softphones behind NAT
@@ -423,6 +426,14 @@ class TransactionLayer:
         # O(affected) rather than a scan of every transaction.
         self._by_peer: dict[_Peer, dict[_Transaction, None]] = {}
         self._timers: TimerQueue[_Transaction] = TimerQueue()
+        # The request match_server last found no transaction for, and its key.
+        self._unmatched: tuple[Request, TransactionKey] | None = None
+        # Non-INVITE server transactions in Completed over UDP (answered, only
+        # absorbing retransmissions until Timer J), oldest first: Timer J is
+        # the same 64*T1 for all, so arming order is expiry order.
+        self._lingering: dict[ServerTransaction, None] = {}
+        self.evicted = 0
+        """Lingering transactions ended before Timer J to make room (a counter)."""
 
     def __len__(self) -> int:
         """Live transactions, client and server."""
@@ -486,8 +497,12 @@ class TransactionLayer:
         Raises ``ParseError`` when a header needed for matching is malformed.
         """
         is_ack = request.method == "ACK"
-        transaction = self._servers.get(self._server_key(request, "INVITE" if is_ack else None))
+        key = self._server_key(request, "INVITE" if is_ack else None)
+        transaction = self._servers.get(key)
         if transaction is None:
+            if not is_ack:
+                # create_server usually follows at once: spare it computing the key again.
+                self._unmatched = (request, key)
             return None
         if transaction.key[0] == "2543":
             expected = transaction.final_to_tag if is_ack else transaction.request.to.tag
@@ -538,17 +553,21 @@ class TransactionLayer:
         Call ``stamp_via`` first: the response destination is computed from
         the top Via as it is now. No action is returned; the TU sends 100
         Trying (INVITE) through ``respond``. Raises ``RemoteProtocolError``
-        (503 with Retry-After) when ``max_transactions`` transactions are live;
+        (503 with Retry-After) when ``max_transactions`` transactions are live
+        and none of them can be ended early (``_evict_lingering``);
         ``LocalProtocolError`` for an ACK (never a transaction, §17) or a
         request whose transaction already exists.
         """
         if request.method == "ACK":
             raise LocalProtocolError("An ACK never creates a server transaction (RFC 3261 §17)")
-        if len(self) >= self.max_transactions:
+        if len(self) >= self.max_transactions and not self._evict_lingering(now):
             raise RemoteProtocolError(
                 "Server overloaded", 503, (("Retry-After", str(self.retry_after)),)
             )
-        key = self._server_key(request, None)
+        unmatched, self._unmatched = self._unmatched, None
+        key = unmatched[1] if unmatched is not None and unmatched[0] is request else None
+        if key is None:
+            key = self._server_key(request, None)
         if key in self._servers:
             raise LocalProtocolError("Server transaction already exists; use match_server first")
         machine = Machine.INVITE_SERVER if request.method == "INVITE" else Machine.NON_INVITE_SERVER
@@ -902,6 +921,26 @@ class TransactionLayer:
                 timers.arm(transaction, TimerName.L, now + 64 * self.t1)
         elif state is TransactionState.COMPLETED:  # non-INVITE server
             self._linger(transaction, TimerName.J, 64 * self.t1, now)
+            if not reliable:
+                assert isinstance(transaction, ServerTransaction)
+                self._lingering[transaction] = None
+
+    def _evict_lingering(self, now: float) -> bool:
+        """At the bound, end the oldest answered non-INVITE server transaction
+        before its Timer J to make room; False when none is lingering.
+
+        A transaction only absorbing retransmissions is the cheapest thing to
+        give up: a retransmission arriving after it is treated as a new
+        request and answered again (a REGISTER is challenged or accepted anew,
+        which binds nothing), whereas refusing the new request with 503 would
+        turn a burst of registrations into failures for 64*T1. The bound on
+        memory stays ``max_transactions`` either way."""
+        oldest = next(iter(self._lingering), None)
+        if oldest is None:
+            return False
+        self.evicted += 1
+        self._enter(oldest, TransactionState.TERMINATED, now)
+        return True
 
     def _linger(
         self, transaction: _Transaction, timer: TimerName, duration: float, now: float
@@ -916,6 +955,7 @@ class TransactionLayer:
         self._timers.cancel_all(transaction)
         if isinstance(transaction, ServerTransaction):
             self._servers.pop(transaction.key, None)
+            self._lingering.pop(transaction, None)
             peer = (transaction.response_destination, transaction.transport)
         else:
             self._clients.pop(transaction.key, None)

@@ -439,3 +439,36 @@ def test_terminated_transactions_leave_every_table() -> None:
     # Internal tables hold nothing either (no slow leak through the peer index or heap).
     assert not layer._servers and not layer._clients and not layer._by_peer
     assert len(layer._timers) == 0
+
+
+def test_at_the_bound_the_oldest_answered_transaction_makes_room() -> None:
+    layer = TransactionLayer(max_transactions=3)
+    answered = []
+    for n in range(3):
+        req = incoming(layer, request("REGISTER", branch=f"z9hG4bK-r{n}"))
+        txn = layer.create_server(req, source=CLIENT, transport=UDP, connection=None, now=n)
+        if n < 2:
+            layer.respond(txn, make_response(req, 200, "OK", to_tag="t"), now=n)
+            answered.append(txn)
+    assert [t.state for t in answered] == [TransactionState.COMPLETED] * 2
+    newcomer = incoming(layer, request("REGISTER", branch="z9hG4bK-r3"))
+    layer.create_server(newcomer, source=CLIENT, transport=UDP, connection=None, now=3)
+    assert len(layer) == 3 and layer.evicted == 1
+    # The oldest answered one went (its timers too); the younger still absorbs.
+    assert answered[0].state is TransactionState.TERMINATED
+    assert layer.deadlines(answered[0]) == {}
+    assert layer.match_server(incoming(layer, request("REGISTER", branch="z9hG4bK-r0"))) is None
+    assert (
+        layer.match_server(incoming(layer, request("REGISTER", branch="z9hG4bK-r1"))) is answered[1]
+    )
+    # Only transactions still in flight left: a new request is refused.
+    layer.create_server(
+        incoming(layer, request("REGISTER", branch="z9hG4bK-r4")),
+        source=CLIENT, transport=UDP, connection=None, now=4,
+    )  # fmt: skip
+    assert layer.evicted == 2
+    with pytest.raises(RemoteProtocolError):
+        layer.create_server(
+            incoming(layer, request("REGISTER", branch="z9hG4bK-r5")),
+            source=CLIENT, transport=UDP, connection=None, now=5,
+        )  # fmt: skip
