@@ -18,7 +18,7 @@ the header ("Bad Via", "Bad From"); the message layer turns the status into
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -102,9 +102,10 @@ _P3 = rf"(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+))?)?" * 3
 _P3Q = rf'(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+|"[^"\\\r\n]*"))?)?' * 3
 # Groups: transport, sent-by as written, host, port, three parameters. A
 # port with a leading zero takes the full grammar (sent_by writes the number).
-_VIA_COMMON = re.compile(
+_VIA_COMMON_TEXT = (
     r"SIP/2\.0/([A-Za-z]+) ((\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([1-9][0-9]{0,4}))?)" + _P3
 )
+_VIA_COMMON = re.compile(_VIA_COMMON_TEXT)
 # URI characters in the fast paths: printable ASCII but SP " < > (and for an
 # addr-spec also , ? ;). Listed as ranges, a bitmap test per character; the
 # full grammar's [^\s<>"] (which also admits non-ASCII) costs a Unicode
@@ -123,9 +124,17 @@ the full grammar's judgement."""
 # URI, tag of the angle form; URI, tag of the addr-spec. One regex call and
 # no parameter splitting; the message layer tries it before parse_name_addr,
 # which gives the same result for every value it matches.
-_FROM_TO_COMMON = re.compile(
+_FROM_TO_COMMON_TEXT = (
     rf'(?:"([^"\\\r\n]*)" ?)?<([A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+)>(?:;tag=([{_TOKEN_CHARS}]+))?'
     rf"|([A-Za-z][A-Za-z0-9+\-.]*:{_ADDR_SPEC_CHARS}+)(?:;tag=([{_TOKEN_CHARS}]+))?"
+)
+_FROM_TO_COMMON = re.compile(_FROM_TO_COMMON_TEXT)
+# The top Via, From and To values joined by LF (which no header value
+# holds): the three fast paths above in one regex call, for the message
+# layer, which reads the three of every message. Groups: Via's ten, then
+# From's five and To's five.
+_VIA_FROM_TO_COMMON = re.compile(
+    f"{_VIA_COMMON_TEXT}\n(?:{_FROM_TO_COMMON_TEXT})\n(?:{_FROM_TO_COMMON_TEXT})"
 )
 _TRANSPORTS = frozenset({"UDP", "TCP", "TLS", "SCTP", "WS", "WSS"})
 # [display-name] <uri> params, with display-name quoted or a run of text.
@@ -405,32 +414,41 @@ def _plain_params(text: str) -> Params:
     return tuple(out)
 
 
+def _common_via(groups: tuple[Any, ...]) -> Via | None:
+    """The Via a ``_VIA_COMMON`` match (its ten groups first in ``groups``)
+    describes; None when its port is above 65535."""
+    transport, sent_by, host, port_text, n1, v1, n2, v2, n3, v3 = groups[:10]
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            return None
+    if host[0] == "[":
+        host = host[1:-1]
+    if transport not in _TRANSPORTS:
+        transport = transport.upper()
+    # _three_params, inline: a Via is parsed for every message.
+    if n1 is None:
+        params: Params = ()
+    elif n2 is None:
+        params = ((n1, v1),)
+    elif n3 is None:
+        params = ((n1, v1), (n2, v2))
+    else:
+        params = ((n1, v1), (n2, v2), (n3, v3))
+    via = Via("SIP/2.0", transport, host, port, params)
+    via._sent_by = sent_by
+    return via
+
+
 def parse_via(value: str) -> Via:
     """Parse one Via value (already split at commas), LWS allowed anywhere the
     grammar allows it (RFC 4475 wsinv). Raises ``ParseError("Bad Via")``."""
     m = _VIA_COMMON.fullmatch(value)
     if m is not None:
-        transport, sent_by, host, port_text, n1, v1, n2, v2, n3, v3 = m.groups()
-        port = None
-        if port_text is not None:
-            port = int(port_text)
-            if port > 65535:
-                raise ParseError("Bad Via")
-        if host[0] == "[":
-            host = host[1:-1]
-        if transport not in _TRANSPORTS:
-            transport = transport.upper()
-        # _three_params, inline: a Via is parsed for every message.
-        if n1 is None:
-            params: Params = ()
-        elif n2 is None:
-            params = ((n1, v1),)
-        elif n3 is None:
-            params = ((n1, v1), (n2, v2))
-        else:
-            params = ((n1, v1), (n2, v2), (n3, v3))
-        via = Via("SIP/2.0", transport, host, port, params)
-        via._sent_by = sent_by
+        via = _common_via(m.groups())
+        if via is None:
+            raise ParseError("Bad Via")
         return via
     m = _VIA.match(value)
     if m is None:

@@ -61,9 +61,11 @@ from ._headers import (
     _KNOWN_METHODS,
     _TOKEN,
     _URI_COMMON,
+    _VIA_FROM_TO_COMMON,
     CSeq,
     NameAddr,
     Via,
+    _common_via,
     canonical_name,
     parse_contact,
     parse_cseq,
@@ -146,6 +148,7 @@ _REQUIRED = (
     ("cseq", "CSeq"),
 )
 _REQUIRED_KEYS = frozenset(key for key, _ in _REQUIRED)
+_VIA_FROM_TO = frozenset({"via", "from", "to"})
 _new = object.__new__
 
 _SEP = ": "
@@ -447,6 +450,8 @@ class _Message(abc.ABC):
         headers = self.headers
         cache = headers._cache
         value = cache.get("top_via")
+        if value is None and self._via_from_to():
+            value = cache["top_via"]
         if value is None:
             keys, present = headers._index or headers._get_index()
             if "via" not in present:
@@ -461,8 +466,51 @@ class _Message(abc.ABC):
             cache["top_via"] = value
         return value
 
+    def _via_from_to(self) -> bool:
+        """Parse the top Via, From and To together, in one regex call, and
+        cache them: the engine reads the three of every message. Done once,
+        on the first access to any of them; False (and each accessor parses
+        its own, and says what is wrong) when one is missing, repeated or not
+        of the shape every stack writes."""
+        headers = self.headers
+        cache = headers._cache
+        if "via_from_to" in cache:
+            return False  # tried already
+        cache["via_from_to"] = False
+        keys, present = headers._index or headers._get_index()
+        if not present >= _VIA_FROM_TO or (
+            len(present) != len(keys) and (keys.count("from") > 1 or keys.count("to") > 1)
+        ):
+            return False
+        fields = headers._fields
+        via = fields[keys.index("via")][2]
+        from_ = fields[keys.index("from")][2]
+        to = fields[keys.index("to")][2]
+        m = _VIA_FROM_TO_COMMON.fullmatch(f"{via}\n{from_}\n{to}")
+        if m is None:
+            return False
+        groups = m.groups()
+        top_via = _common_via(groups)
+        if top_via is None:
+            return False
+        # _name_addr's fast path, inline, twice.
+        _, _, _, _, _, _, _, _, _, _, fd, fu, ft, fs, fst, td, tu, tt, ts, tst = groups
+        if fu is not None:
+            cache["from"] = NameAddr(fd, fu, () if ft is None else (("tag", ft),))
+        else:
+            cache["from"] = NameAddr(None, fs, () if fst is None else (("tag", fst),), False)
+        if tu is not None:
+            cache["to"] = NameAddr(td, tu, () if tt is None else (("tag", tt),))
+        else:
+            cache["to"] = NameAddr(None, ts, () if tst is None else (("tag", tst),), False)
+        cache["top_via"] = top_via
+        return True
+
     def _name_addr(self, key: str, label: str) -> NameAddr:
         headers = self.headers
+        if self._via_from_to():
+            value: NameAddr = headers._cache[key]
+            return value
         keys, present = headers._index or headers._get_index()
         if key not in present:
             raise self._fail(f"Missing {label}")
@@ -470,7 +518,6 @@ class _Message(abc.ABC):
             raise self._fail(f"Bad {label}: more than one")
         text = headers._fields[keys.index(key)][2]
         m = _FROM_TO_COMMON.fullmatch(text)
-        value: NameAddr
         if m is not None:  # <uri>;tag=x, "name" <uri>, uri;tag=x: read on every message
             display, uri, tag, spec, spec_tag = m.groups()
             if uri is not None:

@@ -14,9 +14,12 @@ from sansio_sip import (
     ParseError,
     Request,
     Response,
+    Via,
     is_keepalive,
     make_response,
     parse_message,
+    parse_name_addr,
+    parse_via,
 )
 
 INVITE = (
@@ -298,6 +301,46 @@ def test_top_via_alone_and_then_all_vias_agree() -> None:
     assert good.top_via is good.vias[0]
     fresh = parse_request()
     assert fresh.vias[0] is fresh.top_via
+
+
+VIA_FROM_TO = [
+    ("SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK.a;rport", '"Alice" <sip:a@example.com>;tag=1', "sip:b@example.com"),
+    ("SIP/2.0/udp [2001:db8::1]:5070;branch=z9hG4bK.b;rport=5;received=192.0.2.1", '"" <sip:a@x>', "<sip:b@x>;tag=2"),
+    ("SIP/2.0/TLS host.example.com;branch=z9hG4bK.c", "sip:a@x;tag=3", '"B" <sips:b@x;transport=tcp?h=v>'),
+    ("SIP/2.0/UDP h:05060;branch=z9hG4bK.d", "<sip:a@x>;tag=4;x=y", "Bob <sip:b@x>"),
+    ("SIP/2.0/UDP h:65536;branch=z9hG4bK.e", "<sip:a@x>;tag=5", "sip:b@x"),
+    ("SIP/2.0/UDP h;branch=z9hG4bK.f;a;b;c", '"A \\"q\\"" <sip:a@x>;tag=6', "sip:b@x;TAG=7"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("via", "from_", "to"), VIA_FROM_TO)
+def test_via_from_to_read_together_equal_each_read_alone(via: str, from_: str, to: str) -> None:
+    # The accessors parse the top Via, From and To in one regex call when all
+    # three have the usual shape; any one of them alone, or unusual, takes
+    # its own parser. Both must give the same objects, or the same error.
+    data = (
+        INVITE.replace(b"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK.top;rport", via.encode())
+        .replace(b'"Alice" <sip:alice@example.com>;tag=a1', from_.encode())
+        .replace(b"<sip:bob@example.com>\r\n", to.encode() + b"\r\n")
+    )
+    for first in ("top_via", "from_", "to"):
+        message = parse_message(data)
+        for accessor in (first, "top_via", "from_", "to"):
+            try:
+                got = getattr(message, accessor)
+            except ParseError as exc:
+                got = exc.reason
+            if accessor == "top_via":
+                try:
+                    alone: object = parse_via(via)
+                except ParseError:
+                    alone = "Bad Via"
+                else:
+                    assert isinstance(got, Via)
+                    assert (got.sent_by, got.branch) == (alone.sent_by, alone.branch)  # type: ignore[attr-defined]
+            else:
+                alone = parse_name_addr(from_ if accessor == "from_" else to)
+            assert got == alone
 
 
 def test_register_contact_is_checked_at_parse_time() -> None:
