@@ -99,6 +99,10 @@ class CallState(enum.Enum):
     ENDED = "ended"
 
 
+_Passed = tuple[float, str, str, Address, Transport, bytes]
+"""One message of a call's ladder: (wall, direction, leg, peer, transport, data)."""
+
+
 @attrs.define(slots=True, eq=False)
 class _Retransmit:
     """A 2xx we retransmit until the ACK with ``cseq`` arrives (§13.3.1.4)."""
@@ -154,7 +158,9 @@ class Call:
     reinvite: _Reinvite | None = None
     hangup_deadline: float = 0.0
     ring_deadline: float | None = None
-    ladder: list[LadderEntry] = attrs.field(factory=list)
+    # The ladder's messages as they passed, made LadderEntry objects only
+    # when the final record is written (_ladder_entries).
+    ladder: list[_Passed] = attrs.field(factory=list)
 
 
 class CallManager:
@@ -1047,7 +1053,7 @@ class CallManager:
             final_status=call.record.final_status if answered else final_status,
             ended_by=ended_by,
             reason=reason,
-            ladder=tuple(call.ladder),
+            ladder=_ladder_entries(call.ladder),
         )
         out.append(CallRecord(record=call.record))
         if answered:
@@ -1285,7 +1291,28 @@ class CallManager:
         wall: float,
     ) -> None:
         if len(call.ladder) < self._config.ladder_limit:
-            call.ladder.append(_entry(direction, leg, peer, transport, data, wall))
+            call.ladder.append((wall, direction, leg, peer, transport, data))
+
+
+def _ladder_entries(passed: list[_Passed]) -> tuple[LadderEntry, ...]:
+    """The ladder of a call's record (see ``_entry``), each peer formatted once."""
+    peers: dict[Address, str] = {}
+    entries = []
+    for wall, direction, leg, peer, transport, data in passed:
+        text = peers.get(peer)
+        if text is None:
+            text = peers[peer] = format_address(peer)
+        entries.append(
+            LadderEntry(
+                wall=wall,
+                direction=direction,
+                leg=leg,
+                peer=text,
+                transport=_TRANSPORT_NAMES[transport],
+                message=data[:4096].decode("utf-8", "replace"),
+            )
+        )
+    return tuple(entries)
 
 
 def _parse_or_none(body: bytes) -> SessionDescription | None:
