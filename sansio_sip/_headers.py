@@ -96,14 +96,18 @@ _PLAIN_PARAMS = (
 # are tokens (;branch=..;rport;received=.., ;tag=.., ;lr). Anything else --
 # LWS, quoted strings, IPv6 values, more parameters, errors -- takes the full
 # grammar below, which gives the same result or says what is wrong.
-_P3 = rf"(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+))?)?" * 3
+# Quantifiers are possessive (``++``, ``?+``): each run stops at a character
+# its class excludes, so giving some back could never lead to a match, and
+# the engine keeps no backtracking state (a third of the cost of a match).
+_P3 = rf"(?:;([{_TOKEN_CHARS}]++)(?:=([{_TOKEN_CHARS}]++))?+)?+" * 3
 # ... and for name-addr, values may also be quoted strings without escapes
 # (Contact's +sip.instance="<urn:uuid:...>").
-_P3Q = rf'(?:;([{_TOKEN_CHARS}]+)(?:=([{_TOKEN_CHARS}]+|"[^"\\\r\n]*"))?)?' * 3
+_P3Q = rf'(?:;([{_TOKEN_CHARS}]++)(?:=([{_TOKEN_CHARS}]++|"[^"\\\r\n]*+"))?+)?+' * 3
 # Groups: transport, sent-by as written, host, port, three parameters. A
 # port with a leading zero takes the full grammar (sent_by writes the number).
 _VIA_COMMON_TEXT = (
-    r"SIP/2\.0/([A-Za-z]+) ((\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-_.]+)(?::([1-9][0-9]{0,4}))?)" + _P3
+    r"SIP/2\.0/([A-Za-z]++) ((\[[0-9A-Fa-f:.]++\]|[A-Za-z0-9\-_.]++)(?::([1-9][0-9]{0,4}+))?+)"
+    + _P3
 )
 _VIA_COMMON = re.compile(_VIA_COMMON_TEXT)
 # URI characters in the fast paths: printable ASCII but SP " < > (and for an
@@ -113,10 +117,10 @@ _VIA_COMMON = re.compile(_VIA_COMMON_TEXT)
 _URI_CHARS = r"[!#-;=?-~]"
 _ADDR_SPEC_CHARS = r"[!#-+\--:=@-~]"
 # After the '<': the URI, '>', parameters.
-_ANGLE_URI_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+)>" + _P3Q)
+_ANGLE_URI_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*+:{_URI_CHARS}++)>" + _P3Q)
 # addr-spec: the URI may not hold ',' '?' ';' (RFC 3261 §20.10).
-_ADDR_SPEC_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*:{_ADDR_SPEC_CHARS}+)" + _P3)
-_URI_COMMON = re.compile(rf"[A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+")
+_ADDR_SPEC_COMMON = re.compile(rf"([A-Za-z][A-Za-z0-9+\-.]*+:{_ADDR_SPEC_CHARS}++)" + _P3)
+_URI_COMMON = re.compile(rf"[A-Za-z][A-Za-z0-9+\-.]*+:{_URI_CHARS}++")
 """A URI as every stack writes one (ASCII); anything it refuses still gets
 the full grammar's judgement."""
 # The From and To nearly every stack writes: ``<uri>`` or ``"name" <uri>``
@@ -125,8 +129,9 @@ the full grammar's judgement."""
 # no parameter splitting; the message layer tries it before parse_name_addr,
 # which gives the same result for every value it matches.
 _FROM_TO_COMMON_TEXT = (
-    rf'(?:"([^"\\\r\n]*)" ?)?<([A-Za-z][A-Za-z0-9+\-.]*:{_URI_CHARS}+)>(?:;tag=([{_TOKEN_CHARS}]+))?'
-    rf"|([A-Za-z][A-Za-z0-9+\-.]*:{_ADDR_SPEC_CHARS}+)(?:;tag=([{_TOKEN_CHARS}]+))?"
+    rf'(?:"([^"\\\r\n]*+)" ?+)?+<([A-Za-z][A-Za-z0-9+\-.]*+:{_URI_CHARS}++)>'
+    rf"(?:;tag=([{_TOKEN_CHARS}]++))?+"
+    rf"|([A-Za-z][A-Za-z0-9+\-.]*+:{_ADDR_SPEC_CHARS}++)(?:;tag=([{_TOKEN_CHARS}]++))?+"
 )
 _FROM_TO_COMMON = re.compile(_FROM_TO_COMMON_TEXT)
 # The top Via, From and To values joined by LF (which no header value

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sansio_sip import (
     COMPACT_FORMS,
@@ -10,6 +14,7 @@ from sansio_sip import (
     NameAddr,
     ParseError,
     Via,
+    _headers,
     canonical_name,
     parse_contact,
     parse_cseq,
@@ -223,3 +228,33 @@ def test_contact() -> None:
     assert contact.param("q") == "0.5"
     with pytest.raises(ParseError, match="Bad Contact"):
         parse_contact("sip:user@example.com?Route=%3Csip:sip.example.com%3E")
+
+
+# ---------------------------------------------------------------- fast-path regexes
+
+_POSSESSIVE = [
+    _headers._VIA_COMMON,
+    _headers._FROM_TO_COMMON,
+    _headers._VIA_FROM_TO_COMMON,
+    _headers._ANGLE_URI_COMMON,
+    _headers._ADDR_SPEC_COMMON,
+    _headers._URI_COMMON,
+]
+_FAST_PATH_TEXT = st.text(alphabet='SIP/2.0UDPudp sip:a1@[]:;=,<>"\\\nbranchtag~-+', max_size=60)
+
+
+@pytest.mark.parametrize("fast", _POSSESSIVE, ids=lambda p: p.pattern[:30])
+@settings(max_examples=300, deadline=None)
+@given(text=_FAST_PATH_TEXT)
+def test_possessive_fast_paths_match_as_their_backtracking_forms(
+    fast: re.Pattern[str], text: str
+) -> None:
+    # The fast paths use possessive quantifiers for speed; they must accept
+    # and capture exactly what the plain (backtracking) spelling would.
+    plain = re.compile(
+        fast.pattern.replace("++", "+").replace("*+", "*").replace("?+", "?").replace("}+", "}")
+    )
+    assert plain.pattern != fast.pattern
+    for sample in (text, "SIP/2.0/UDP " + text, "<sip:" + text, "sip:" + text):
+        got, want = fast.fullmatch(sample), plain.fullmatch(sample)
+        assert (got and got.groups()) == (want and want.groups())
