@@ -21,6 +21,10 @@ replay loop runs server code only. The calls overlap as on the real bench:
 one starts every 1/``--rate`` s and lasts ``--hold`` s, so about rate*hold
 calls are up at once and the transaction and call timers fire on the way.
 
+The replay runs with the cyclic collector as ``kx-sipd serve`` sets it
+(``--gc server``: start-up objects frozen, thresholds 50,000/10/10);
+``--gc default`` keeps CPython's 700/10/10.
+
 * ``--callgrind``: instructions per call (valgrind, replay of N minus replay
   of 0, over N: stable however loaded the machine is);
 * ``--profile``: the split of the replay's time by layer (cProfile).
@@ -380,6 +384,20 @@ def record(n: int, rate: float, hold: float, seed: int) -> tuple[list[Step], lis
     return steps, [s.data for s in server.sent]
 
 
+def server_gc(setting: str) -> None:
+    """The cyclic collector as ``kx-sipd serve`` sets it once up (``settle_gc``:
+    start-up objects frozen, thresholds raised), or CPython's default."""
+    if setting == "server":
+        from kx_sipd.app import GC_THRESHOLDS
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+    else:
+        gc.unfreeze()
+        gc.set_threshold(700, 10, 10)
+
+
 def replay(steps: list[Step], seed: int) -> list[bytes]:
     server = Server(seed)
     for data, source, now in steps:
@@ -522,7 +540,7 @@ def callgrind(args: argparse.Namespace) -> None:
             proc = subprocess.run(
                 ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                  sys.executable, __file__, "--seed", str(args.seed), "--steps", saved.name,
-                 "--replays", str(k)],
+                 "--gc", args.gc, "--replays", str(k)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             found = re.search(r"Collected : (\d+)", proc.stderr)
@@ -531,7 +549,7 @@ def callgrind(args: argparse.Namespace) -> None:
             counts.append(int(found.group(1)))
     print(
         f"callgrind: {(counts[1] - counts[0]) / args.n:,.0f} instructions per call "
-        f"(n={args.n}, rate={args.rate:g}/s, hold={args.hold:g} s)"
+        f"(n={args.n}, rate={args.rate:g}/s, hold={args.hold:g} s, {args.gc} GC)"
     )
 
 
@@ -543,6 +561,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--profile", action="store_true", help="split the replay's time by layer")
     ap.add_argument("--callgrind", action="store_true", help="instructions per call")
+    ap.add_argument(
+        "--gc",
+        choices=("server", "default"),
+        default="server",
+        help="the cyclic collector as kx-sipd serve sets it (default), or CPython's default",
+    )
     ap.add_argument("--replays", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument(
@@ -573,17 +597,19 @@ def main() -> None:
         with args.steps.open("rb") as saved:
             loaded: list[Step] = pickle.load(saved)
         make_engine(args.seed)
+        server_gc(args.gc)
         if args.replays:
             replay(loaded, args.seed)
         return
     steps, recorded = record(args.n, args.rate, args.hold, args.seed)
+    server_gc(args.gc)
     t0 = time.process_time()
     replayed = replay(steps, args.seed)
     cpu = time.process_time() - t0
     if replayed != recorded:
         sys.exit("the replay did not send what the recording sent")
     print(
-        f"python {sys.version.split()[0]}  n={args.n} calls ({len(steps) / args.n:g} datagrams "
+        f"python {sys.version.split()[0]}  {args.gc} GC  n={args.n} calls ({len(steps) / args.n:g} datagrams "
         f"in, {len(replayed) / args.n:g} out each)  {cpu / args.n * 1e6:,.1f} us CPU per call, "
         f"{args.n / cpu:,.0f} calls/s"
     )
