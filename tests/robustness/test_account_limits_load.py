@@ -428,6 +428,12 @@ def test_one_account_offered_far_above_both_limits(limited: Limited) -> None:
             403, "rejected", LIMIT_REASON,
         ), record  # fmt: skip
 
+    print(
+        f"offered {len(callers)}, answered {len(answered)}, refused {len(refused)}; "
+        f"most up at the carrier {carrier.max_up}, in /status {max(poller.samples)}, "
+        f"in the records {_max_overlap(records)}; most starts in 1 s {_max_per_window(starts)}"
+    )
+
     # Counters back to zero: after a pause longer than the rate window, a new call goes through.
     time.sleep(1.1)
     assert poller.up() == 0
@@ -470,3 +476,4 @@ def test_an_account_at_its_limit_does_not_affect_another(limited: Limited) -> No
     assert _max_overlap(alice_records) <= 4
     assert _max_per_window([r.start_wall for r in alice_records if r.final_status == 200]) <= 3
     assert carrier.up == 0
+    print(f"alice {dict(alice)}, carol {dict(carol)}")

@@ -145,3 +145,13 @@ def test_a_failed_connection_is_not_pooled_again(store: Store, path: Path) -> No
     assert open_connections(path) == 0
     assert store.get_account("alice") is not None  # a new one
     assert open_connections(path) == 1
+
+
+def test_every_connection_has_the_small_page_cache(store: Store) -> None:
+    held = [store._borrow() for _ in range(3)]
+    try:
+        sizes = {holder.db.execute("PRAGMA cache_size").fetchall()[0][0] for holder in held}
+    finally:
+        for holder in held:
+            store._give_back(holder)
+    assert sizes == {-store_module._CACHE_KIB}
