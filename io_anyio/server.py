@@ -355,6 +355,7 @@ class Server:
 
     async def _run_engine(self) -> None:
         engine = self._engine
+        batch = self._options.udp_batch
         deadline = engine.next_timer()
         timer_at = _loop_deadline(deadline)
         while True:
@@ -363,7 +364,9 @@ class Server:
                 item = await self._inputs.receive()
             # Under load, inputs already queued are taken without a checkpoint each (up to
             # ``udp_batch``, and never past a deadline): the wait is the costly part.
-            for _ in range(self._options.udp_batch):
+            taken = 0
+            while True:
+                taken += 1
                 now, wall = time.monotonic(), time.time()
                 if item is None:
                     item = _Input(engine.handle_timer, "timer")
@@ -379,8 +382,11 @@ class Server:
                     deadline, timer_at = next_deadline, _loop_deadline(next_deadline)
                 elif actions is None and item.what == "timer":
                     timer_at = anyio.current_time() + _TIMER_BUG_BACKOFF
-                if deadline is not None and time.monotonic() >= deadline:
+                if taken >= batch or (deadline is not None and time.monotonic() >= deadline):
                     break
+                # Taken only once it will be fed: an input taken and then left behind
+                # at the end of a batch would be lost (a datagram, or an account
+                # look-up's answer, leaving its transaction waiting for ever).
                 try:
                     item = self._inputs.receive_nowait()
                 except anyio.WouldBlock:

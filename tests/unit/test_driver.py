@@ -420,3 +420,17 @@ def test_only_preempted_needs_no_sleep_and_little_cpu() -> None:
     assert not _only_preempted((5, 1.0), (6, 1.001), 0.005)  # slept: waited for the store
     assert not _only_preempted((5, 1.0), (5, 1.02), 0.005)  # computed past the budget
     assert not _only_preempted(None, None, 0.005)  # unknown: the overrun counts
+
+
+def test_a_backlog_longer_than_a_batch_loses_nothing(driver: str) -> None:
+    """Inputs queued while the engine was busy are fed in batches of ``udp_batch``;
+    every one of them is fed (an input taken at the end of a batch used to be lost:
+    a datagram, or the answer of an account look-up, which left its request waiting)."""
+    with running(driver, udp_batch=2) as run, udp_client(run) as client:
+        client.send(b"SLOW 0.3")
+        time.sleep(0.05)
+        for index in range(40):
+            client.send(b"LOOKUP alice" if index % 2 else b"ECHO %d" % index)
+        answers = sorted(client.recv(100) for _ in range(40))
+        expected = sorted(b"FOUND alice" if index % 2 else b"%d" % index for index in range(40))
+        assert answers == expected
