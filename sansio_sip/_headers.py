@@ -586,8 +586,14 @@ def parse_name_addr(value: str, *, header: str = "name-addr") -> NameAddr:
     m = _ANGLE_URI_COMMON.fullmatch(rest)
     if m is not None:
         uri, n1, v1, n2, v2, n3, v3 = m.groups()
-        if not display:
-            return NameAddr(None, uri, _three_params(n1, v1, n2, v2, n3, v3))
+        if not display:  # _three_params, inline: a REGISTER's Contact is parsed at once
+            if n1 is None:
+                return NameAddr(None, uri, ())
+            if n2 is None:
+                return NameAddr(None, uri, ((n1, v1),))
+            if n3 is None:
+                return NameAddr(None, uri, ((n1, v1), (n2, v2)))
+            return NameAddr(None, uri, ((n1, v1), (n2, v2), (n3, v3)))
         if display[0] == '"':
             close = display.find('"', 1)
             if close > 0 and "\\" not in display and not display[close + 1 :].strip(" \t"):
@@ -653,6 +659,6 @@ def parse_contact(value: str) -> NameAddr | Literal["*"]:
     """One Contact value (already split): a name-addr/addr-spec, or ``"*"``
     (the REGISTER wildcard, RFC 3261 §10.2.2). ``expires``, ``q`` and other
     contact parameters are read with ``.param(...)``."""
-    if value.strip(" \t") == "*":
+    if "*" in value and value.strip(" \t") == "*":
         return "*"
     return parse_name_addr(value, header="Contact")

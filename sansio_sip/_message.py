@@ -149,6 +149,8 @@ _REQUIRED = (
 )
 _REQUIRED_KEYS = frozenset(key for key, _ in _REQUIRED)
 _VIA_FROM_TO = frozenset({"via", "from", "to"})
+_STATUS_CODES = {str(code): code for code in range(100, 700)}
+"""Status-Code = 3DIGIT, 100..699 (RFC 3261 §7.2, §21): its text -> its value."""
 _new = object.__new__
 
 _SEP = ": "
@@ -824,7 +826,15 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     lines = head.split("\r\n")
     first_line = lines[0]
     if is_response:
-        version, code, reason = _parse_status_line(first_line)
+        # "SIP/2.0 <code> <reason>", checked inline; anything else by
+        # _parse_status_line.
+        parts = first_line.split(" ", 2)
+        code_or_none = _STATUS_CODES.get(parts[1]) if len(parts) > 1 else None
+        if code_or_none is not None and parts[0] == "SIP/2.0":
+            version, code = "SIP/2.0", code_or_none
+            reason = parts[2] if len(parts) == 3 else ""
+        else:
+            version, code, reason = _parse_status_line(first_line)
     else:
         # The strict form every stack sends, checked inline; anything else is
         # judged (and named) by _parse_request_line.
@@ -880,12 +890,15 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
             and len({f[2] for f, k in zip(fields, keys, strict=True) if k == "content-length"}) > 1
         ):
             raise ParseError("Conflicting Content-Length", status)
-        if not (value.isascii() and value.isdigit()) or len(value) > 10:
-            raise ParseError("Bad Content-Length", status)
-        length = int(value)
-        if body_start + length > len(data):
-            raise ParseError("Content-Length exceeds body", status)
-        body = data[body_start : body_start + length]
+        if value == "0":
+            body = b""  # most messages but INVITEs and their 200s
+        else:
+            if not (value.isascii() and value.isdigit()) or len(value) > 10:
+                raise ParseError("Bad Content-Length", status)
+            length = int(value)
+            if body_start + length > len(data):
+                raise ParseError("Content-Length exceeds body", status)
+            body = data[body_start : body_start + length]
     else:
         body = data[body_start:]
 
