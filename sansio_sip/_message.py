@@ -13,7 +13,10 @@ a REGISTER's Contact (the binding a registrar judges before anything else).
 Structured views (``vias``, ``top_via``, ``from_``, ``to``, ``contacts``,
 ``routes`` ...) are parsed on first access and cached in the ``Headers``
 object; a syntax error there raises ``ParseError`` from the accessor, with
-the status this message's faults are answered with. The engine reads Via,
+the status this message's faults are answered with. One exception: when the
+top Via, From and To all have the shape every stack writes, the parser
+reads the three with one regex call and caches them (every element reads
+them first thing); anything else waits for its accessor as above. The engine reads Via,
 From, To, Call-ID and CSeq of every request first thing and answers 400
 statelessly, so a malformed From is refused exactly as before, only later.
 Mutating the headers drops the cache.
@@ -42,8 +45,9 @@ Speed: ``bench/parse.py`` measures this parser against a bare line splitter
 and other pure-Python SIP parsers. What made it fast: one ``str.split`` and
 one ``partition(": ")`` per line (the separator every stack writes; other
 spellings are fixed up afterwards), name lookups in one precomputed table,
-fields stored as the partition triples themselves, and no structured header
-built until someone asks.
+fields stored as the partition triples themselves, no structured header
+built until someone asks but the three every element asks for (one regex
+call), and possessive regexes (no backtracking state) in every fast path.
 """
 
 from __future__ import annotations
@@ -148,7 +152,6 @@ _REQUIRED = (
     ("cseq", "CSeq"),
 )
 _REQUIRED_KEYS = frozenset(key for key, _ in _REQUIRED)
-_VIA_FROM_TO = frozenset({"via", "from", "to"})
 _STATUS_CODES = {str(code): code for code in range(100, 700)}
 """Status-Code = 3DIGIT, 100..699 (RFC 3261 §7.2, §21): its text -> its value."""
 _new = object.__new__
@@ -441,6 +444,9 @@ class _Message(abc.ABC):
                         value.append(parse_via(item))
             except ParseError:
                 raise self._fail("Bad Via") from None
+            top = cache.get("top_via")
+            if top is not None:
+                value[0] = top  # equal; keeps top_via is vias[0]
             cache["vias"] = value
             cache["top_via"] = value[0]
         return value
@@ -452,8 +458,6 @@ class _Message(abc.ABC):
         headers = self.headers
         cache = headers._cache
         value = cache.get("top_via")
-        if value is None and self._via_from_to():
-            value = cache["top_via"]
         if value is None:
             keys, present = headers._index or headers._get_index()
             if "via" not in present:
@@ -468,51 +472,8 @@ class _Message(abc.ABC):
             cache["top_via"] = value
         return value
 
-    def _via_from_to(self) -> bool:
-        """Parse the top Via, From and To together, in one regex call, and
-        cache them: the engine reads the three of every message. Done once,
-        on the first access to any of them; False (and each accessor parses
-        its own, and says what is wrong) when one is missing, repeated or not
-        of the shape every stack writes."""
-        headers = self.headers
-        cache = headers._cache
-        if "via_from_to" in cache:
-            return False  # tried already
-        cache["via_from_to"] = False
-        keys, present = headers._index or headers._get_index()
-        if not present >= _VIA_FROM_TO or (
-            len(present) != len(keys) and (keys.count("from") > 1 or keys.count("to") > 1)
-        ):
-            return False
-        fields = headers._fields
-        via = fields[keys.index("via")][2]
-        from_ = fields[keys.index("from")][2]
-        to = fields[keys.index("to")][2]
-        m = _VIA_FROM_TO_COMMON.fullmatch(f"{via}\n{from_}\n{to}")
-        if m is None:
-            return False
-        groups = m.groups()
-        top_via = _common_via(groups)
-        if top_via is None:
-            return False
-        # _name_addr's fast path, inline, twice.
-        _, _, _, _, _, _, _, _, _, _, fd, fu, ft, fs, fst, td, tu, tt, ts, tst = groups
-        if fu is not None:
-            cache["from"] = NameAddr(fd, fu, () if ft is None else (("tag", ft),))
-        else:
-            cache["from"] = NameAddr(None, fs, () if fst is None else (("tag", fst),), False)
-        if tu is not None:
-            cache["to"] = NameAddr(td, tu, () if tt is None else (("tag", tt),))
-        else:
-            cache["to"] = NameAddr(None, ts, () if tst is None else (("tag", tst),), False)
-        cache["top_via"] = top_via
-        return True
-
     def _name_addr(self, key: str, label: str) -> NameAddr:
         headers = self.headers
-        if self._via_from_to():
-            value: NameAddr = headers._cache[key]
-            return value
         keys, present = headers._index or headers._get_index()
         if key not in present:
             raise self._fail(f"Missing {label}")
@@ -520,6 +481,7 @@ class _Message(abc.ABC):
             raise self._fail(f"Bad {label}: more than one")
         text = headers._fields[keys.index(key)][2]
         m = _FROM_TO_COMMON.fullmatch(text)
+        value: NameAddr
         if m is not None:  # <uri>;tag=x, "name" <uri>, uri;tag=x: read on every message
             display, uri, tag, spec, spec_tag = m.groups()
             if uri is not None:
@@ -933,7 +895,9 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     headers = _new(Headers)
     headers._fields = fields
     headers._index = (keys, present)
-    headers._cache = {"call_id": call_id, "cseq": cseq}
+    headers._cache = cache = {"call_id": call_id, "cseq": cseq}
+    if not repeated or (keys.count("from") == 1 and keys.count("to") == 1):
+        _cache_via_from_to(fields, keys, cache)
 
     message: Request | Response
     if is_response:
@@ -949,7 +913,7 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
         if method == "REGISTER" and "contact" in present:
             # The registrar judges the binding before it challenges (RFC 4475
             # §3.1.2.13 regbadct: 400, not 401).
-            headers._cache["contacts"] = _parse_contacts(
+            cache["contacts"] = _parse_contacts(
                 fields, headers._key_positions("contact"), message._fail
             )
     message.headers = headers
@@ -960,6 +924,35 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
             if not _DATE.fullmatch(fields[j][2]):
                 raise ParseError("Bad Date", status)
     return message
+
+
+def _cache_via_from_to(fields: list[_Field], keys: list[str], cache: dict[str, Any]) -> None:
+    """Parse the top Via, From and To together, in one regex call, when all
+    three have the shape every stack writes, and cache them for their
+    accessors: the engine reads the three of every message first thing.
+    Otherwise leave them to the accessors, which parse each on first access
+    and say what is wrong."""
+    via = fields[keys.index("via")][2]
+    from_ = fields[keys.index("from")][2]
+    to = fields[keys.index("to")][2]
+    m = _VIA_FROM_TO_COMMON.fullmatch(f"{via}\n{from_}\n{to}")
+    if m is None:
+        return
+    groups = m.groups()
+    top_via = _common_via(groups)
+    if top_via is None:
+        return
+    # _Message._name_addr's fast path, inline, twice.
+    _, _, _, _, _, _, _, _, _, _, fd, fu, ft, fs, fst, td, tu, tt, ts, tst = groups
+    cache["top_via"] = top_via
+    if fu is not None:
+        cache["from"] = NameAddr(fd, fu, () if ft is None else (("tag", ft),))
+    else:
+        cache["from"] = NameAddr(None, fs, () if fst is None else (("tag", fst),), False)
+    if tu is not None:
+        cache["to"] = NameAddr(td, tu, () if tt is None else (("tag", tt),))
+    else:
+        cache["to"] = NameAddr(None, ts, () if tst is None else (("tag", tst),), False)
 
 
 def _parse_contacts(

@@ -315,9 +315,9 @@ VIA_FROM_TO = [
 
 @pytest.mark.parametrize(("via", "from_", "to"), VIA_FROM_TO)
 def test_via_from_to_read_together_equal_each_read_alone(via: str, from_: str, to: str) -> None:
-    # The accessors parse the top Via, From and To in one regex call when all
-    # three have the usual shape; any one of them alone, or unusual, takes
-    # its own parser. Both must give the same objects, or the same error.
+    # parse_message parses the top Via, From and To in one regex call when
+    # all three have the usual shape; otherwise each accessor parses its own
+    # on first access. Both must give the same objects, or the same error.
     data = (
         INVITE.replace(b"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK.top;rport", via.encode())
         .replace(b'"Alice" <sip:alice@example.com>;tag=a1', from_.encode())
