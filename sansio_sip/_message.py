@@ -152,6 +152,9 @@ _REQUIRED = (
     ("cseq", "CSeq"),
 )
 _REQUIRED_KEYS = frozenset(key for key, _ in _REQUIRED)
+_REQUEST_LINE_COMMON = re.compile(rf"([A-Z]++) ({_URI_COMMON.pattern}) SIP/2\.0")
+"""The request line every stack sends: an upper-case method (a token), a URI
+as ``_URI_COMMON`` knows it, single spaces."""
 _STATUS_CODES = {str(code): code for code in range(100, 700)}
 """Status-Code = 3DIGIT, 100..699 (RFC 3261 §7.2, §21): its text -> its value."""
 _new = object.__new__
@@ -800,14 +803,10 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     else:
         # The strict form every stack sends, checked inline; anything else is
         # judged (and named) by _parse_request_line.
-        parts = first_line.split(" ")
-        if (
-            len(parts) == 3
-            and parts[2] == "SIP/2.0"
-            and parts[0] in _KNOWN_METHODS
-            and _URI_COMMON.fullmatch(parts[1])
-        ):
-            method, uri, version = parts
+        request_line = _REQUEST_LINE_COMMON.fullmatch(first_line)
+        if request_line is not None:
+            method, uri = request_line.groups()
+            version = "SIP/2.0"
         else:
             try:
                 method, uri, version = _parse_request_line(first_line)
