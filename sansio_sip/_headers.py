@@ -18,7 +18,7 @@ the header ("Bad Via", "Bad From"); the message layer turns the status into
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
 
@@ -419,41 +419,23 @@ def _plain_params(text: str) -> Params:
     return tuple(out)
 
 
-def _common_via(groups: tuple[Any, ...]) -> Via | None:
-    """The Via a ``_VIA_COMMON`` match (its ten groups first in ``groups``)
-    describes; None when its port is above 65535."""
-    transport, sent_by, host, port_text, n1, v1, n2, v2, n3, v3 = groups[:10]
-    port = None
-    if port_text is not None:
-        port = int(port_text)
-        if port > 65535:
-            return None
-    if host[0] == "[":
-        host = host[1:-1]
-    if transport not in _TRANSPORTS:
-        transport = transport.upper()
-    # _three_params, inline: a Via is parsed for every message.
-    if n1 is None:
-        params: Params = ()
-    elif n2 is None:
-        params = ((n1, v1),)
-    elif n3 is None:
-        params = ((n1, v1), (n2, v2))
-    else:
-        params = ((n1, v1), (n2, v2), (n3, v3))
-    via = Via("SIP/2.0", transport, host, port, params)
-    via._sent_by = sent_by
-    return via
-
-
 def parse_via(value: str) -> Via:
     """Parse one Via value (already split at commas), LWS allowed anywhere the
     grammar allows it (RFC 4475 wsinv). Raises ``ParseError("Bad Via")``."""
     m = _VIA_COMMON.fullmatch(value)
     if m is not None:
-        via = _common_via(m.groups())
-        if via is None:
-            raise ParseError("Bad Via")
+        transport, sent_by, host, port_text, n1, v1, n2, v2, n3, v3 = m.groups()
+        port = None
+        if port_text is not None:
+            port = int(port_text)
+            if port > 65535:
+                raise ParseError("Bad Via")
+        if host[0] == "[":
+            host = host[1:-1]
+        if transport not in _TRANSPORTS:
+            transport = transport.upper()
+        via = Via("SIP/2.0", transport, host, port, _three_params(n1, v1, n2, v2, n3, v3))
+        via._sent_by = sent_by
         return via
     m = _VIA.match(value)
     if m is None:

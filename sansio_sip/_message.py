@@ -64,12 +64,13 @@ from ._headers import (
     _FROM_TO_COMMON,
     _KNOWN_METHODS,
     _TOKEN,
+    _TRANSPORTS,
     _URI_COMMON,
     _VIA_FROM_TO_COMMON,
     CSeq,
     NameAddr,
+    Params,
     Via,
-    _common_via,
     canonical_name,
     parse_contact,
     parse_cseq,
@@ -931,27 +932,67 @@ def _cache_via_from_to(fields: list[_Field], keys: list[str], cache: dict[str, A
     accessors: the engine reads the three of every message first thing.
     Otherwise leave them to the accessors, which parse each on first access
     and say what is wrong."""
-    via = fields[keys.index("via")][2]
-    from_ = fields[keys.index("from")][2]
-    to = fields[keys.index("to")][2]
-    m = _VIA_FROM_TO_COMMON.fullmatch(f"{via}\n{from_}\n{to}")
+    via_text = fields[keys.index("via")][2]
+    from_text = fields[keys.index("from")][2]
+    to_text = fields[keys.index("to")][2]
+    m = _VIA_FROM_TO_COMMON.fullmatch(f"{via_text}\n{from_text}\n{to_text}")
     if m is None:
         return
-    groups = m.groups()
-    top_via = _common_via(groups)
-    if top_via is None:
-        return
-    # _Message._name_addr's fast path, inline, twice.
-    _, _, _, _, _, _, _, _, _, _, fd, fu, ft, fs, fst, td, tu, tt, ts, tst = groups
-    cache["top_via"] = top_via
+    (transport, sent_by, host, port_text, n1, v1, n2, v2, n3, v3,
+     fd, fu, ft, fs, fst, td, tu, tt, ts, tst) = m.groups()  # fmt: skip
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            return  # top_via says "Bad Via"
+    if host[0] == "[":
+        host = host[1:-1]
+    if transport not in _TRANSPORTS:
+        transport = transport.upper()
+    if n1 is None:
+        params: Params = ()
+    elif n2 is None:
+        params = ((n1, v1),)
+    elif n3 is None:
+        params = ((n1, v1), (n2, v2))
+    else:
+        params = ((n1, v1), (n2, v2), (n3, v3))
+    # What parse_via and parse_name_addr's fast paths build, built here
+    # without calling the classes: their generated __init__ is a Python call
+    # each, a sixth of this function. Every attrs field is set, as __init__
+    # would (tests/unit/test_message.py compares them with the parsers').
+    via = _new(Via)
+    via.protocol = "SIP/2.0"
+    via.transport = transport
+    via.host = host
+    via.port = port
+    via.params = params
+    via._sent_by = sent_by
+    cache["top_via"] = via
+    cache["from"] = from_addr = _new(NameAddr)
     if fu is not None:
-        cache["from"] = NameAddr(fd, fu, () if ft is None else (("tag", ft),))
+        from_addr.display_name = fd
+        from_addr.uri = fu
+        from_addr.params = () if ft is None else (("tag", ft),)
+        from_addr.angle = True
     else:
-        cache["from"] = NameAddr(None, fs, () if fst is None else (("tag", fst),), False)
+        from_addr.display_name = None
+        from_addr.uri = fs
+        from_addr.params = () if fst is None else (("tag", fst),)
+        from_addr.angle = False
+    from_addr._parsed = None
+    cache["to"] = to_addr = _new(NameAddr)
     if tu is not None:
-        cache["to"] = NameAddr(td, tu, () if tt is None else (("tag", tt),))
+        to_addr.display_name = td
+        to_addr.uri = tu
+        to_addr.params = () if tt is None else (("tag", tt),)
+        to_addr.angle = True
     else:
-        cache["to"] = NameAddr(None, ts, () if tst is None else (("tag", tst),), False)
+        to_addr.display_name = None
+        to_addr.uri = ts
+        to_addr.params = () if tst is None else (("tag", tst),)
+        to_addr.angle = False
+    to_addr._parsed = None
 
 
 def _parse_contacts(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -341,6 +342,8 @@ def test_via_from_to_read_together_equal_each_read_alone(via: str, from_: str, t
             else:
                 alone = parse_name_addr(from_ if accessor == "from_" else to)
             assert got == alone
+            if not isinstance(got, str):  # every field set, and the same
+                assert attrs.asdict(got, recurse=False) == attrs.asdict(alone, recurse=False)  # type: ignore[arg-type]
 
 
 def test_register_contact_is_checked_at_parse_time() -> None:
