@@ -770,7 +770,7 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     headers parsed on first access (Via, From, To, Contact, Route ...) are
     raised by those accessors instead, the same way.
     """
-    if data[:2] == b"\r\n":
+    if data and data[0] == 13 and data[:2] == b"\r\n":
         # §7.5: CRLFs before the start line are ignored.
         start = 2
         while data.startswith(b"\r\n", start):
@@ -828,7 +828,7 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     # name; other spellings, folding and bad lines are left to _fix_fields.
     fields = [line.partition(_SEP) for line in lines]
     known = _KNOWN_NAMES
-    keys_or_none = [known.get(name) for name, _, _ in fields]
+    keys_or_none = [known.get(field[0]) for field in fields]
     present_or_none = set(keys_or_none)
     keys: list[str]
     present: set[str]
@@ -884,7 +884,11 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
         and number.isascii()
         and len(number) < 10  # below 2**31 without converting twice
     ):
-        cseq = CSeq(int(number), cseq_method)  # "<digits> <METHOD>", as stacks write it
+        # "<digits> <METHOD>", as stacks write it; built as parse_cseq would,
+        # without a call to the class (its __init__ is a Python call).
+        cseq = _new(CSeq)
+        cseq.number = int(number)
+        cseq.method = cseq_method
     else:
         try:
             cseq = parse_cseq(cseq_text)

@@ -169,6 +169,7 @@ def test_parse_invite_accessors() -> None:
     assert (m.method, m.uri, m.version) == ("INVITE", "sip:bob@example.com", "SIP/2.0")
     assert m.call_id == "c1@192.0.2.10"
     assert m.cseq == CSeq(7, "INVITE")
+    assert attrs.asdict(m.cseq) == attrs.asdict(CSeq(7, "INVITE"))  # built without __init__
     assert [v.branch for v in m.vias] == ["z9hG4bK.top", "z9hG4bK.p1", "z9hG4bK.p2"]
     assert m.top_via.sent_by == "192.0.2.10:5060"
     assert m.from_.display_name == "Alice"
