@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from sansio_sip._actions import Send
 from sansio_sip._message import Request, parse_message
 from sansio_sip._model import Transport
 from sansio_sip._transaction import TransactionLayer
@@ -100,7 +101,8 @@ def test_responder_answers_through_the_direct_path_and_counts() -> None:
     responder = Responder(layer, random.Random(1).randbytes, counters, "kx-sipd")
     items = responder.respond(transaction, request, 401, "Unauthorized", now=0.0)
     send = items[0]
-    data = getattr(send, "data")
+    assert isinstance(send, Send)
+    data = send.data
     assert data.startswith(b"SIP/2.0 401 Unauthorized\r\nVia: SIP/2.0/UDP 10.0.0.5:5060;")
     assert b"received=198.51.100.7;rport=40123\r\n" in data
     assert data.endswith(b"Server: kx-sipd\r\nContent-Length: 0\r\n\r\n")
