@@ -838,8 +838,10 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     else:
         keys = keys_or_none  # type: ignore[assignment]  # no None in it
         present = present_or_none  # type: ignore[assignment]
-    if "\t" in text or ":  " in head or " \r" in head or head[-1] == " ":
-        # LWS the partition left around a value (rare): strip them all.
+    if "\t" in text or ":  " in head or " \r\n" in head or head[-1] == " ":
+        # LWS the partition left around a value (rare): strip them all. (Every
+        # CR here starts a CRLF, bare ones were refused above; the longer
+        # needle lets the search skip further.)
         fields = [(name, sep, value.strip(" \t")) for name, sep, value in fields]
     repeated = len(present) != len(keys)
 
