@@ -189,9 +189,9 @@ class Media:
     proto: str
     formats: tuple[str, ...]
     lines: tuple[Line, ...] = ()
-    # Payload type -> the text after "a=rtpmap:<pt> " (the first of each), built
-    # on first use: the offer/answer policy asks for every format several times.
-    _rtpmaps: dict[str, str] | None = attrs.field(
+    # Payload type -> its mapping (``rtpmap``'s answer), filled on first use:
+    # the offer/answer policy asks for every format several times.
+    _rtpmaps: dict[str, tuple[str, int, int | None] | None] | None = attrs.field(
         default=None, init=False, eq=False, repr=False, hash=False
     )
 
@@ -234,15 +234,11 @@ class Media:
                 if kind == "a" and value.startswith("rtpmap:"):
                     number, space, mapping = value[7:].partition(" ")
                     if space and number not in rtpmaps:
-                        rtpmaps[number] = mapping
+                        rtpmaps[number] = _parse_rtpmap(mapping)
             object.__setattr__(self, "_rtpmaps", rtpmaps)
-        found = rtpmaps.get(pt)
-        if found is not None:
-            return _parse_rtpmap(found)
-        static = _STATIC_AUDIO.get(pt) if self.media == "audio" else None
-        if static is None:
-            return None
-        return static
+        if pt in rtpmaps:
+            return rtpmaps[pt]
+        return _STATIC_AUDIO.get(pt) if self.media == "audio" else None
 
 
 def _parse_rtpmap(text: str) -> tuple[str, int, int | None] | None:
