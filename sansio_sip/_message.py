@@ -847,7 +847,9 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
 
     body_start = head_end + 4
     if "content-length" in present:
-        value = fields[keys.index("content-length")][2]
+        # Content-Length is usually the last field: look there before scanning.
+        at = len(keys) - 1 if keys[-1] == "content-length" else keys.index("content-length")
+        value = fields[at][2]
         if (
             repeated
             and keys.count("content-length") > 1
