@@ -16,10 +16,10 @@ object; a syntax error there raises ``ParseError`` from the accessor, with
 the status this message's faults are answered with. One exception: when the
 top Via, From and To all have the shape every stack writes, the parser
 reads the three with one regex call and caches them (every element reads
-them first thing); anything else waits for its accessor as above. The engine reads Via,
-From, To, Call-ID and CSeq of every request first thing and answers 400
-statelessly, so a malformed From is refused exactly as before, only later.
-Mutating the headers drops the cache.
+them first thing); anything else waits for its accessor as above. The
+engine reads Via, From, To, Call-ID and CSeq of every request first thing
+and answers 400 statelessly, so a malformed From is refused exactly as
+before, only later. Mutating the headers drops the cache.
 
 What it refuses, and how (RFC 3261 §7, §18.3, §20; RFC 4475 §3.1.2, §3.3):
 * a request line with extra or trailing spaces, or a Request-URI in ``<>``
@@ -222,11 +222,6 @@ class Headers:
             keys = [_key(name) for name, _, _ in self._fields]
             index = self._index = (keys, set(keys))
         return index
-
-    def _value_of(self, key: str) -> str | None:
-        """The value of the first field with that lookup key, or None."""
-        keys, present = self._index or self._get_index()
-        return self._fields[keys.index(key)][2] if key in present else None
 
     def _position(self, name: str) -> int | None:
         """Position of the first field of that name, or None."""
@@ -870,7 +865,8 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
 
     # What every element relies on before anything else (RFC 4475 §3.1.2,
     # §3.3.1). Via, From and To are only looked for here: they are parsed
-    # (and a repeated From or To refused) on first access.
+    # below when all three are usual, otherwise (and a repeated From or To
+    # refused) on first access.
     if not present >= _REQUIRED_KEYS:
         for key, label in _REQUIRED:
             if key not in present:
@@ -966,9 +962,9 @@ def _cache_via_from_to(fields: list[_Field], keys: list[str], cache: dict[str, A
     else:
         params = ((n1, v1), (n2, v2), (n3, v3))
     # What parse_via and parse_name_addr's fast paths build, built here
-    # without calling the classes: their generated __init__ is a Python call
-    # each, a sixth of this function. Every attrs field is set, as __init__
-    # would (tests/unit/test_message.py compares them with the parsers').
+    # without calling the classes (their generated __init__ is a Python call
+    # each). Every attrs field is set, as __init__ would; tests/unit/
+    # test_message.py compares them with the parsers' field by field.
     via = _new(Via)
     via.protocol = "SIP/2.0"
     via.transport = transport
