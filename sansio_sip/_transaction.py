@@ -392,8 +392,8 @@ class TransactionLayer:
     Tunables: ``t1``, ``t2``, ``t4`` (§17.1.1.1, Table 4); ``max_transactions``
     bounds live transactions (DESIGN §7: a peer decides how many arrive; at
     the bound the oldest answered non-INVITE server transaction still
-    absorbing retransmissions is ended early, and only when there is none is
-    a new request refused);
+    absorbing retransmissions is ended early if it has lingered 4*T1, and
+    only when there is none is a new request refused);
     ``retry_after`` is the Retry-After of the 503 refusing a new server
     transaction beyond the bound; ``force_rport`` makes ``stamp_via`` act as if
     every client asked for rport (RFC 3581), because softphones behind NAT
@@ -429,9 +429,10 @@ class TransactionLayer:
         # The request match_server last found no transaction for, and its key.
         self._unmatched: tuple[Request, TransactionKey] | None = None
         # Non-INVITE server transactions in Completed over UDP (answered, only
-        # absorbing retransmissions until Timer J), oldest first: Timer J is
-        # the same 64*T1 for all, so arming order is expiry order.
-        self._lingering: dict[ServerTransaction, None] = {}
+        # absorbing retransmissions until Timer J) and when they got there,
+        # oldest first: Timer J is the same 64*T1 for all, so arming order is
+        # expiry order.
+        self._lingering: dict[ServerTransaction, float] = {}
         self.evicted = 0
         """Lingering transactions ended before Timer J to make room (a counter)."""
 
@@ -554,7 +555,7 @@ class TransactionLayer:
         the top Via as it is now. No action is returned; the TU sends 100
         Trying (INVITE) through ``respond``. Raises ``RemoteProtocolError``
         (503 with Retry-After) when ``max_transactions`` transactions are live
-        and none of them can be ended early (``_evict_lingering``);
+        and none of them may be ended early (``_evict_lingering``);
         ``LocalProtocolError`` for an ACK (never a transaction, §17) or a
         request whose transaction already exists.
         """
@@ -923,24 +924,31 @@ class TransactionLayer:
             self._linger(transaction, TimerName.J, 64 * self.t1, now)
             if not reliable:
                 assert isinstance(transaction, ServerTransaction)
-                self._lingering[transaction] = None
+                self._lingering[transaction] = now
 
     def _evict_lingering(self, now: float) -> bool:
         """At the bound, end the oldest answered non-INVITE server transaction
-        before its Timer J to make room; False when none is lingering.
+        before its Timer J to make room, if it has lingered at least 4*T1;
+        False when there is none that old.
 
         A transaction only absorbing retransmissions is the cheapest thing to
-        give up: a retransmission arriving after it is treated as a new
-        request and answered again (a REGISTER is challenged or accepted anew,
-        which binds nothing), whereas refusing the new request with 503 would
-        turn a burst of registrations into failures for 64*T1. The bound on
-        memory stays ``max_transactions`` either way."""
-        oldest = next(iter(self._lingering), None)
-        if oldest is None:
-            return False
-        self.evicted += 1
-        self._enter(oldest, TransactionState.TERMINATED, now)
-        return True
+        give up once it has done most of that job: a client whose answer was
+        lost retransmits at T1 and 3*T1 after its first send (§17.1.2.2), so by
+        4*T1 after our answer it has had the answer re-sent twice. A later
+        retransmission is treated as a new request and answered again (a
+        REGISTER is challenged or accepted anew, which binds nothing). The
+        alternative, refusing new requests with 503 while the table is full of
+        such transactions, turned any sustained rate above max_transactions /
+        (2 * 64*T1) registrations a second (~300 with the defaults) into
+        failures. Younger ones are kept: a flood still meets 503 with
+        Retry-After. The bound on memory stays ``max_transactions``."""
+        for oldest, since in self._lingering.items():
+            if now - since < 4 * self.t1:
+                return False
+            self.evicted += 1
+            self._enter(oldest, TransactionState.TERMINATED, now)  # leaves _lingering
+            return True
+        return False
 
     def _linger(
         self, transaction: _Transaction, timer: TimerName, duration: float, now: float

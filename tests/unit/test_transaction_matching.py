@@ -442,7 +442,7 @@ def test_terminated_transactions_leave_every_table() -> None:
 
 
 def test_at_the_bound_the_oldest_answered_transaction_makes_room() -> None:
-    layer = TransactionLayer(max_transactions=3)
+    layer = TransactionLayer(max_transactions=3)  # T1 = 0.5 s: evictable after 2 s
     answered = []
     for n in range(3):
         req = incoming(layer, request("REGISTER", branch=f"z9hG4bK-r{n}"))
@@ -452,7 +452,7 @@ def test_at_the_bound_the_oldest_answered_transaction_makes_room() -> None:
             answered.append(txn)
     assert [t.state for t in answered] == [TransactionState.COMPLETED] * 2
     newcomer = incoming(layer, request("REGISTER", branch="z9hG4bK-r3"))
-    layer.create_server(newcomer, source=CLIENT, transport=UDP, connection=None, now=3)
+    layer.create_server(newcomer, source=CLIENT, transport=UDP, connection=None, now=2.5)
     assert len(layer) == 3 and layer.evicted == 1
     # The oldest answered one went (its timers too); the younger still absorbs.
     assert answered[0].state is TransactionState.TERMINATED
@@ -461,14 +461,22 @@ def test_at_the_bound_the_oldest_answered_transaction_makes_room() -> None:
     assert (
         layer.match_server(incoming(layer, request("REGISTER", branch="z9hG4bK-r1"))) is answered[1]
     )
-    # Only transactions still in flight left: a new request is refused.
+    # The other answered one has lingered less than 4*T1 (answered at 1, now 2.9): kept,
+    # and the new request is refused.
+    with pytest.raises(RemoteProtocolError):
+        layer.create_server(
+            incoming(layer, request("REGISTER", branch="z9hG4bK-r4")),
+            source=CLIENT, transport=UDP, connection=None, now=2.9,
+        )  # fmt: skip
+    assert layer.evicted == 1 and answered[1].state is TransactionState.COMPLETED
+    # Once it has lingered 4*T1 it makes room; then only transactions in flight are left.
     layer.create_server(
-        incoming(layer, request("REGISTER", branch="z9hG4bK-r4")),
-        source=CLIENT, transport=UDP, connection=None, now=4,
+        incoming(layer, request("REGISTER", branch="z9hG4bK-r5")),
+        source=CLIENT, transport=UDP, connection=None, now=3.0,
     )  # fmt: skip
     assert layer.evicted == 2
     with pytest.raises(RemoteProtocolError):
         layer.create_server(
-            incoming(layer, request("REGISTER", branch="z9hG4bK-r5")),
-            source=CLIENT, transport=UDP, connection=None, now=5,
+            incoming(layer, request("REGISTER", branch="z9hG4bK-r6")),
+            source=CLIENT, transport=UDP, connection=None, now=10,
         )  # fmt: skip
