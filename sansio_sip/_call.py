@@ -144,7 +144,7 @@ class Call:
     a_request: Request
     original_offer: SessionDescription  # as the client sent it
     offer: SessionDescription  # filtered to what kx-sipd carries
-    record: CallRecordData
+    record: CallRecordData  # as written at the start; completed by _finish
     echo: bool = False
     b: Leg | None = None
     b_invite: ClientTransaction | None = None
@@ -158,6 +158,11 @@ class Call:
     reinvite: _Reinvite | None = None
     hangup_deadline: float = 0.0
     ring_deadline: float | None = None
+    # What the final record adds to the start's (one evolve in _finish).
+    sent_digits: str | None = None
+    answer_wall: float | None = None
+    answer_status: int | None = None
+    codec: str | None = None
     # The ladder's messages as they passed, made LadderEntry objects only
     # when the final record is written (_ladder_entries).
     ladder: list[_Passed] = attrs.field(factory=list)
@@ -452,7 +457,7 @@ class CallManager:
             extra=(("Max-Forwards", str(69 if max_forwards is None else max_forwards - 1)),),
             body=body,
         )
-        call.record = attrs.evolve(call.record, b_call_id=b_call_id, sent_digits=digits)
+        call.sent_digits = digits
         call.state = CallState.CALLING
         transaction, items = self._transactions.create_client(
             request,
@@ -700,7 +705,7 @@ class CallManager:
         self._dispatch(items, call, now, wall, out)
         data = next((item.data for item in items if isinstance(item, Send)), None)
         call.state = CallState.ANSWERING
-        call.record = attrs.evolve(call.record, codec=codec, answer_wall=wall, final_status=code)
+        call.codec, call.answer_wall, call.answer_status = codec, wall, code
         self._counters["calls.answered"] += 1
         if data is not None:
             self._retransmit(call, call.a, data, call.a_request.cseq.number, now)
@@ -776,7 +781,7 @@ class CallManager:
                 call,
                 ended_by,
                 f"{ended_by} hung up",
-                call.record.final_status or 200,
+                call.answer_status or 200,
                 now,
                 wall,
                 out,
@@ -1013,7 +1018,7 @@ class CallManager:
                 ended_by=ended_by,
             )
             return
-        self._finish(call, ended_by, reason, call.record.final_status or 200, now, wall, out)
+        self._finish(call, ended_by, reason, call.answer_status or 200, now, wall, out)
 
     def _finish(
         self,
@@ -1046,11 +1051,15 @@ class CallManager:
                 wall,
                 out,
             )
-        answered = call.record.answer_wall is not None
+        answered = call.answer_wall is not None
         call.record = attrs.evolve(
             call.record,
+            b_call_id=call.b.call_id if call.b is not None else None,
+            sent_digits=call.sent_digits,
+            answer_wall=call.answer_wall,
+            codec=call.codec,
             end_wall=wall,
-            final_status=call.record.final_status if answered else final_status,
+            final_status=call.answer_status if answered else final_status,
             ended_by=ended_by,
             reason=reason,
             ladder=_ladder_entries(call.ladder),
