@@ -16,7 +16,17 @@ all at once:
 The server's resident memory is sampled every 5 s. Printed: RSS after the
 warm-up and at the end, their ratio (the issue asks for the end within 10 %
 of the warm-up figure), the peak, SIPp's successful and failed registrations and
-calls, the bad packets sent, and the engine's counters at exit.
+calls, the bad packets sent, the machine's load average, and the engine's
+counters at exit.
+
+Finding what grows (docs/robustness.md, Soak): RSS alone does not say. What
+worked: a ``sitecustomize.py`` on ``PYTHONPATH`` (the server inherits it) that,
+in the ``kx_sipd serve`` process only, logs every 10 s ``mallinfo2`` (glibc:
+in use vs. freed-but-kept heap), ``sqlite3_memory_used``, descriptors on the
+database and ``gc.get_count()``, and every minute or so runs
+``gc.set_debug(gc.DEBUG_SAVEALL); gc.collect()`` and counts the garbage by
+type (exceptions with their traceback): anything there is a reference cycle
+that waits for the collector, which ``serve`` runs rarely.
 
     python3 bench/soak.py [--minutes 10] [--warmup S] [--driver anyio] [--json]
 
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -193,6 +204,7 @@ def soak(
     )  # fmt: skip
     hostile = Hostile(server, bad_rate, failure_rate)
     hostile.start()
+    load_at_start = os.getloadavg()
     samples: list[tuple[float, int]] = []
     start = time.monotonic()
     try:
@@ -229,6 +241,7 @@ def soak(
         "failed_logins_sent": hostile.failures_sent,
         "tcp_garbage_connections": hostile.tcp_sent,
         "alive_at_end": alive,
+        "load_average_start_end": (load_at_start[0], os.getloadavg()[0]),
         "engine": server.exit_stats() if _has_exit_line(server) else {},
     }
 
@@ -266,6 +279,9 @@ def main() -> None:
     print(f"RSS at the end: {result['rss_kib_end']} KiB "
           f"(x{result['rss_end_over_warmup']:.3f} of warm-up), peak {result['rss_kib_peak']} KiB")  # fmt: skip
     print(f"registrations {result['registrations']}, calls {result['calls']}")
+    load_start, load_end = result["load_average_start_end"]
+    print(f"load average (1 min) at the start and the end: {load_start:.2f}, {load_end:.2f} "
+          "(the server shares the machine: a starved server queues more)")  # fmt: skip
     print(f"bad packets {result['bad_packets_sent']}, failed logins {result['failed_logins_sent']}, "
           f"TCP garbage connections {result['tcp_garbage_connections']}, alive {result['alive_at_end']}")  # fmt: skip
     if args.json:
