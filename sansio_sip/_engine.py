@@ -49,7 +49,7 @@ from ._message import Request, Response, parse_message
 from ._model import Account, Address, MediaAllocation, Transport
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
-from ._tu import Responder, context_of
+from ._tu import Responder, ServerContext, context_of
 from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 from ._wire import format_address, stateless_error_response
 
@@ -160,6 +160,21 @@ class Engine:
         Returns the actions to perform. Never raises for anything the peer
         sent: faults become answers or counted drops.
         """
+        try:
+            return self._receive(data, source, transport, now, wall, connection)
+        finally:
+            if self._transactions.removed:
+                self._unlink_removed()
+
+    def _receive(
+        self,
+        data: bytes,
+        source: Address,
+        transport: Transport,
+        now: float,
+        wall: float,
+        connection: int | None,
+    ) -> list[Action]:
         out: list[Action] = []
         if not 0 < source[1] < 65536:
             # A forged source (port 0) can be answered nowhere: a counted drop.
@@ -227,6 +242,8 @@ class Engine:
             _, _, transaction, request, reason = heapq.heappop(self._delayed)
             if not context_of(transaction).final:
                 self._respond(transaction, request, 403, reason, now, wall, out)
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def next_timer(self) -> float | None:
@@ -254,6 +271,8 @@ class Engine:
             self._authenticated(pending, account, now, wall, out)
         except RemoteProtocolError as error:
             self._answer_error(pending.transaction, pending.request, error, now, wall, out)
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def account_unavailable(self, token: int, *, now: float, wall: float) -> list[Action]:
@@ -275,6 +294,8 @@ class Engine:
                 ),
             )
         )
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def media_allocated(
@@ -283,18 +304,24 @@ class Engine:
         """Result of an ``AllocateMedia``."""
         out: list[Action] = []
         self._calls.media_allocated(token, allocation, now=now, wall=wall, out=out)
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def media_failed(self, token: int, reason: str, *, now: float, wall: float) -> list[Action]:
         """The relay could not allocate: the call gets 503."""
         out: list[Action] = []
         self._calls.media_failed(token, reason, now=now, wall=wall, out=out)
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def media_ended(self, call_ref: str, reason: str, *, now: float, wall: float) -> list[Action]:
         """The relay ended a call's media (timeout, lost shard): end the call."""
         out: list[Action] = []
         self._calls.media_ended(call_ref, reason, now=now, wall=wall, out=out)
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def transport_failed(
@@ -305,6 +332,8 @@ class Engine:
         self._dispatch(
             self._transactions.transport_error(destination, transport, now=now), now, wall, out
         )
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     def stop_accepting(self, *, now: float, wall: float) -> list[Action]:
@@ -316,6 +345,8 @@ class Engine:
         """Graceful shutdown, step two: hang up every call on both legs."""
         out: list[Action] = []
         self._calls.end_all(now=now, wall=wall, out=out)
+        if self._transactions.removed:
+            self._unlink_removed()
         return out
 
     @property
@@ -360,6 +391,26 @@ class Engine:
         return self._guard.clear(ip)
 
     # --------------------------------------------------------------- internals
+
+    def _unlink_removed(self) -> None:
+        """Drop the links between finished transactions and their calls.
+
+        A call and its transactions point at each other (``Call.a_invite`` ->
+        transaction -> ``ServerContext.call`` -> ``Call``; a client
+        transaction's ``_Role`` likewise): left alone, every call would end as
+        a reference cycle that only the cyclic collector frees, and the server
+        runs that collector rarely. Called at the end of each entry point,
+        after the removed transactions' events have reached the TU. A server
+        transaction's context keeps ``final`` (a long call still asks whether
+        its INVITE was answered); only its ``call`` goes."""
+        removed = self._transactions.removed
+        for transaction in removed:
+            owner = transaction.owner
+            if isinstance(owner, ServerContext):
+                owner.call = None
+            elif owner is not None:
+                transaction.owner = None
+        removed.clear()
 
     def _new_token(self) -> int:
         token = self._next_token

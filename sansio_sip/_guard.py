@@ -108,6 +108,7 @@ class Guard:
     def failure(self, ip: str, username: str | None, *, now: float) -> tuple[bool, float]:
         """Record an authentication failure. Returns (the source is now
         banned, seconds to delay this failure answer)."""
+        self._expire(now)
         newly_banned = False
         if self._count(self._source_failures, ip, self.config.failures, now):
             self._remember(self._bans, ip, now + self.config.ban_time)
@@ -169,6 +170,24 @@ class Guard:
         while times and now - times[0] > self.config.window:
             times.popleft()
         return len(times)
+
+    def _expire(self, now: float) -> None:
+        """Forget what can no longer count: failure lists whose newest failure
+        left the window, and bans that ran out. The failure tables are in
+        order of last failure and the bans in order of expiry (one ban time for
+        all), so this looks only at the front: a spray from many one-off
+        addresses leaves at most one window's worth of entries, not one per
+        address for ever."""
+        horizon = now - self.config.window
+        for table in (self._source_failures, self._user_failures):
+            while table:
+                times = next(iter(table.values()))
+                if times and times[-1] >= horizon:
+                    break
+                table.popitem(last=False)
+        bans = self._bans
+        while bans and next(iter(bans.values())) <= now:
+            bans.popitem(last=False)
 
     def _remember(self, table: OrderedDict[str, _V], key: str, value: _V) -> None:
         table[key] = value

@@ -435,6 +435,10 @@ class TransactionLayer:
         self._lingering: dict[ServerTransaction, float] = {}
         self.evicted = 0
         """Lingering transactions ended before Timer J to make room (a counter)."""
+        self.removed: list[_Transaction] = []
+        """Transactions taken out of the layer since the TU last emptied this
+        list: nothing reaches them through the layer any more, so the TU can
+        drop its links to them (``owner``) once it has seen their events."""
 
     def __len__(self) -> int:
         """Live transactions, client and server."""
@@ -961,6 +965,7 @@ class TransactionLayer:
 
     def _remove(self, transaction: _Transaction) -> None:
         self._timers.cancel_all(transaction)
+        self.removed.append(transaction)
         if isinstance(transaction, ServerTransaction):
             self._servers.pop(transaction.key, None)
             self._lingering.pop(transaction, None)

@@ -142,3 +142,24 @@ def test_a_store_that_does_not_keep_up_gets_503_not_a_queue() -> None:
         codes += statuses(h.receive(phone.authorize(phone.request("REGISTER"), challenge)))
     assert codes == [503, 503]
     assert len(h.pending) == 2
+
+
+def test_one_off_sources_are_forgotten_after_the_window() -> None:
+    # A spray of failures from 10,000 addresses, each failing once (a botnet,
+    # or the soak's rotating sources), spread over two windows: only the last
+    # window's addresses can still count, so only they are kept.
+    guard = Guard(GuardConfig(window=60.0, failures=10))
+    for n in range(10_000):
+        now = n * 0.012  # 120 s in all
+        guard.failure(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", f"user{n}", now=now)
+    held = len(guard)
+    assert held <= 2 * 5_001, held  # sources + usernames of the last 60 s
+    assert held >= 2 * 4_900, held  # and those are still counted
+    # An address that keeps failing inside the window is still banned.
+    for _ in range(10):
+        guard.failure("192.0.2.66", None, now=200.0)
+    assert guard.banned("192.0.2.66", now=200.5)
+    # Expired bans go too, without anyone asking about them.
+    guard.failure("198.51.100.1", None, now=200.0 + 600.0 + 1.0)
+    assert not guard.bans(now=801.0)
+    assert len(guard) <= 3
