@@ -101,6 +101,7 @@ MESSAGE_PARSE = {
     "_parse_contacts",
     "_is_call_id",
     "_key",
+    "_cache_via_from_to",
 }
 MESSAGE_BUILD = {
     "make_response",
