@@ -794,10 +794,19 @@ class Server:
         try:
             if relay is None:
                 raise MediaUnavailable("no media relay configured")
-            allocate = partial(
-                relay.allocate, action.call_ref, a_peer=action.a_peer, echo=action.echo
-            )
-            allocation = await self._in_thread(self._options.relay_timeout, allocate)
+            allocate_async = getattr(relay, "allocate_async", None)
+            if allocate_async is not None:
+                # The relay client speaks to the relay from this loop: no
+                # worker-thread hop (three per call otherwise).
+                with anyio.fail_after(self._options.relay_timeout):
+                    allocation = await allocate_async(
+                        action.call_ref, a_peer=action.a_peer, echo=action.echo
+                    )
+            else:
+                allocate = partial(
+                    relay.allocate, action.call_ref, a_peer=action.a_peer, echo=action.echo
+                )
+                allocation = await self._in_thread(self._options.relay_timeout, allocate)
         except Exception as exc:
             self._backend_failed("relay", "allocate", exc)
             reason = str(exc) or type(exc).__name__
@@ -806,9 +815,11 @@ class Server:
         await self._submit(partial(engine.media_allocated, action.token, allocation), "media")
 
     async def _update_media(self, action: UpdateMedia, then: Sequence[Action] = ()) -> None:
-        if self._relay is not None:
+        relay = self._relay
+        if relay is not None:
+            update_async = getattr(relay, "update_async", None)
             update = partial(
-                self._relay.update,
+                update_async or relay.update,
                 action.call_ref,
                 a_peer=action.a_peer,
                 b_peer=action.b_peer,
@@ -816,7 +827,11 @@ class Server:
                 b_events=action.b_events,
             )
             try:
-                await self._in_thread(self._options.relay_timeout, update)
+                if update_async is not None:
+                    with anyio.fail_after(self._options.relay_timeout):
+                        await update()
+                else:
+                    await self._in_thread(self._options.relay_timeout, update)
             except Exception as exc:
                 self._backend_failed("relay", "update", exc)
         self._perform(then)
@@ -824,10 +839,15 @@ class Server:
     async def _release_media(self, action: ReleaseMedia) -> None:
         if self._relay is None:
             return
+        release_async = getattr(self._relay, "release_async", None)
         try:
-            a_leg, b_leg = await self._in_thread(
-                self._options.relay_timeout, self._relay.release, action.call_ref
-            )
+            if release_async is not None:
+                with anyio.fail_after(self._options.relay_timeout):
+                    a_leg, b_leg = await release_async(action.call_ref)
+            else:
+                a_leg, b_leg = await self._in_thread(
+                    self._options.relay_timeout, self._relay.release, action.call_ref
+                )
         except Exception as exc:
             self._backend_failed("relay", "release", exc)
             return
