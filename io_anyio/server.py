@@ -592,7 +592,12 @@ class Server:
                 async with stream, anyio.create_task_group() as tasks:
                     tasks.start_soon(self._write_connection, conn, stream)
                     conn.reason = await self._read_connection(conn, stream)
-                    tasks.cancel_scope.cancel()
+                    # The writer flushes what is queued and ends by itself: a
+                    # cancelled writer would leave its exception, frames and
+                    # scope as cyclic garbage for every connection. A peer that
+                    # does not read is cut off at the deadline.
+                    conn.outgoing_in.close()
+                    tasks.cancel_scope.deadline = anyio.current_time() + _CLOSE_FLUSH
         finally:
             self._forget(conn)
             self._note("debug", "tcp.closed", peer=_format([conn.peer]), reason=conn.reason)
