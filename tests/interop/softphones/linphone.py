@@ -194,7 +194,17 @@ class Linphonec:
         self.type(f"record {self.recording}")
 
     def codecs(self) -> dict[str, bool]:
-        """``codec list``: {"NAME/RATE": enabled}."""
+        """``codec list``: {"NAME/RATE": enabled}. linphonec has audio codecs
+        whatever its build, so an empty list means the prompt was read before
+        the list (a slow, loaded machine): ask again, a bounded number of times."""
+        for _ in range(3):
+            found = self._codec_list()
+            if found:
+                return found
+            time.sleep(0.5)
+        return found
+
+    def _codec_list(self) -> dict[str, bool]:
         self.type("codec list")
         self.wait_for(r"codec list")
         found: dict[str, bool] = {}
