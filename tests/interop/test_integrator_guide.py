@@ -912,7 +912,19 @@ def test_every_error_row_has_a_check() -> None:
 def test_the_server_sends_each_documented_error(
     server: Server, carrier: Carrier, code: int, reason: str
 ) -> None:
-    answers = PROVOKE[(code, reason)](server, carrier)
+    provoke = PROVOKE[(code, reason)]
+    answers = provoke(server, carrier)
+    for _ in range(3):
+        # The relay has two port pairs, so the previous row's call may still
+        # hold them for a moment: its release reaches the relay after the BYE
+        # is answered. A row that needs relay ports is tried again, bounded,
+        # once they are back (the 503 relay row provokes exactly that).
+        if reason == "Media relay unavailable" or [
+            (a.status, a.reason) for a in answers
+        ] != [(503, "Media relay unavailable")]:
+            break
+        time.sleep(0.5)
+        answers = provoke(server, carrier)
     assert answers
     for answer in answers:
         assert (answer.status, answer.reason) == (code, reason), answer
