@@ -2,7 +2,9 @@
 
 SIPp plays 1000 softphones (the anchors' ``sipp/users.csv``) doing REGISTER →
 401 → REGISTER with digest → 200 (``sipp/reg_auth.xml``: one registration is
-two SIP transactions, four messages). The rate steps up (default 500, 1000,
+two SIP transactions, four messages; issue #3's target of 3,000 authenticated
+REGISTER transactions/s is therefore 1,500 registrations/s, and both figures
+are printed). The rate steps up (default 500, 1000,
 2000, 3000, 4000 registrations/s, 10 s each, bounded by ``-m``); a step is
 *held* when every registration succeeded, none was retransmitted, and the
 achieved rate was at least 98 % of the target. The figure is the highest step
@@ -448,9 +450,23 @@ def main() -> int:
             if not active:
                 break
     print()
-    summary(steps, list(servers), unit="registrations/s", target=3000.0)
+    # Issue #3's target is 3,000 authenticated REGISTER transactions/s. One
+    # registration is two REGISTER transactions (the challenged one and the
+    # one with credentials), as the anchors count them (RESULTS.md §2a:
+    # "4500 registrations/s ... 9 000 auth transactions/s"): 1,500/s here.
+    summary(steps, list(servers), unit="registrations/s", target=TARGET_TRANSACTIONS / 2)
+    for label in servers:
+        step = best_held(steps, label, strict_retrans=True)
+        if step is not None:
+            print(
+                f"{label}: {2 * step['rate']:g} REGISTER transactions/s held "
+                f"(target {TARGET_TRANSACTIONS:g} transactions/s)"
+            )
     print(f"after the run: {load_note()}")
     return 0
+
+
+TARGET_TRANSACTIONS = 3000.0
 
 
 def summary(
