@@ -42,7 +42,6 @@ process per call through worker threads and awaited directly.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import functools
 import gc
 import heapq
@@ -58,6 +57,8 @@ import tempfile
 import time
 from collections.abc import Generator
 from pathlib import Path
+
+from _profile_split import print_profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -614,29 +615,7 @@ def main() -> None:
         f"{args.n / cpu:,.0f} calls/s"
     )
     if args.profile:
-        # Collections are paused while profiling (cProfile would charge each
-        # to whichever function allocated last); their share is measured apart.
-        gc.collect()
-        gc.disable()
-        t0 = time.process_time()
-        replay(steps, args.seed)
-        without_gc = time.process_time() - t0
-        profiler = cProfile.Profile()
-        profiler.enable()
-        replay(steps, args.seed)
-        profiler.disable()
-        gc.enable()
-        stats = pstats.Stats(profiler)
-        shares = split_by_layer(stats)
-        total = sum(shares.values())
-        print(
-            f"cyclic GC: {max(0.0, cpu - without_gc) / cpu:.0%} of the replay's CPU time; the "
-            "rest, by layer (cProfile, own time, built-ins charged to their caller):"
-        )
-        for layer, seconds in sorted(shares.items(), key=lambda kv: -kv[1]):
-            print(f"  {layer:<30} {seconds / total:6.1%}")
-        print("top functions by own time:")
-        stats.sort_stats("tottime").print_stats(25)
+        print_profile(lambda: replay(steps, args.seed), cpu, split_by_layer, top=25)
 
 
 if __name__ == "__main__":

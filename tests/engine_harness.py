@@ -255,6 +255,18 @@ class Phone:
         return request
 
 
+def ack_for_failure(request: Request, response: Response) -> Request:
+    """The client's ACK for a non-2xx final response: same branch (§17.1.1.3)."""
+    headers = [
+        ("Via", request.headers.get("Via") or ""),
+        ("Max-Forwards", "70"),
+        ("From", request.headers.get("From") or ""),
+        ("To", response.headers.get("To") or ""),
+        ("Call-ID", request.call_id),
+        ("CSeq", f"{request.cseq.number} ACK"),
+    ]
+    return Request("ACK", request.uri, headers)
+
 def answer(request: Request, code: int, reason: str, *, to_tag: str = "carrier-tag",
            body: bytes = b"", contact: str = "<sip:gw@192.0.2.50:5060>") -> Response:
     """The carrier's (or a phone's) response to ``request``."""

@@ -12,6 +12,7 @@ from engine_harness import (
     Harness,
     Phone,
     account,
+    ack_for_failure,
     answer,
     requests_to,
     responses_to,
@@ -25,19 +26,6 @@ from sansio_sip._sdp import parse_sdp
 DIGITS = "17752180264"
 
 
-def _ack_for(request: Request, response: Response) -> Request:
-    """The client's ACK for a non-2xx final (same branch, §17.1.1.3)."""
-    headers = [
-        ("Via", request.headers.get("Via") or ""),
-        ("Max-Forwards", "70"),
-        ("From", request.headers.get("From") or ""),
-        ("To", response.headers.get("To") or ""),
-        ("Call-ID", request.call_id),
-        ("CSeq", f"{request.cseq.number} ACK"),
-    ]
-    return Request("ACK", request.uri, headers)
-
-
 def invite(h: Harness, phone: Phone, *, digits: str = DIGITS, body: bytes = OFFER,
            password: str | None = None) -> tuple[Request, list]:
     """Challenge, ACK, authenticated INVITE. Returns the INVITE and what it caused."""
@@ -45,7 +33,7 @@ def invite(h: Harness, phone: Phone, *, digits: str = DIGITS, body: bytes = OFFE
     first = phone.request("INVITE", uri, body=body)
     challenge = responses_to(h.receive(first), CLIENT)[-1]
     assert challenge.status_code == 401
-    h.receive(_ack_for(first, challenge))
+    h.receive(ack_for_failure(first, challenge))
     phone.cseq += 1
     second = phone.authorize(phone.request("INVITE", uri, body=body), challenge,
                              password=password)
@@ -77,7 +65,7 @@ def test_unauthenticated_invite_gets_401_and_its_ack_is_absorbed() -> None:
     first = phone.request("INVITE", f"sip:{DIGITS}@sip.kx21.com", body=OFFER)
     [challenge] = responses_to(h.receive(first), CLIENT)
     assert challenge.status_code == 401
-    assert h.receive(_ack_for(first, challenge)) == []
+    assert h.receive(ack_for_failure(first, challenge)) == []
     assert h.engine.stats().get("dropped_stray_ack", 0) == 0
 
 

@@ -19,12 +19,13 @@ from engine_harness import (
     Harness,
     Phone,
     account,
+    ack_for_failure,
     answer,
     requests_to,
     responses_to,
 )
 
-from sansio_sip import ParseError, Request, Response, SipUri, parse_message, parse_uri, parse_via
+from sansio_sip import ParseError, Request, SipUri, parse_message, parse_uri, parse_via
 from sansio_sip._sdp import parse_sdp
 
 HEAD = {
@@ -208,22 +209,10 @@ def invite(h: Harness, phone: Phone, *, body: bytes) -> tuple[Request, list]:  #
     first = phone.request("INVITE", uri, body=body)
     challenge = responses_to(h.receive(first), CLIENT)[-1]
     assert challenge.status_code == 401
-    h.receive(_ack_for(first, challenge))
+    h.receive(ack_for_failure(first, challenge))
     phone.cseq += 1
     second = phone.authorize(phone.request("INVITE", uri, body=body), challenge)
     return second, h.receive(second)
-
-
-def _ack_for(request: Request, response: Response) -> Request:
-    headers = [
-        ("Via", request.headers.get("Via") or ""),
-        ("Max-Forwards", "70"),
-        ("From", request.headers.get("From") or ""),
-        ("To", response.headers.get("To") or ""),
-        ("Call-ID", request.call_id),
-        ("CSeq", f"{request.cseq.number} ACK"),
-    ]
-    return Request("ACK", request.uri, headers)
 
 
 def _wire(text: str) -> bytes:
