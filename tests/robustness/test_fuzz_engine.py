@@ -113,23 +113,31 @@ def test_a_carrier_silent_after_ringing_leaves_no_transaction() -> None:
     HARNESS.one_input(script)
 
 
+def _whole_call(invite: bytes) -> bytes:
+    """A script for one call: authenticated INVITE, carrier answers 200, the
+    client ACKs and hangs up, the carrier answers the BYE, six seconds pass."""
+    return (
+        HARNESS.record(HARNESS.KIND_AUTH, invite)
+        + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
+        + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=0)
+        + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=1)
+        + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
+        + HARNESS.record(HARNESS.KIND_TIME, length=6000)
+    )
+
+
+def _run(driver: object, script: bytes) -> None:
+    for control, length, payload in HARNESS.records(script):
+        driver.step(control, length, payload)  # type: ignore[attr-defined]
+
+
 def test_call_start_times_do_not_pile_up() -> None:
     """Found while looking for the soak's memory growth: one float per call
     per account, never trimmed when the account has no calls-per-second limit."""
     driver = HARNESS.Driver()
     invite = HARNESS._request("INVITE", f"sip:17752180264@{HARNESS.REALM}", body=HARNESS.OFFER)
     for i in range(20):
-        unique = invite.replace(b"seed-invite", b"pile%d" % i)
-        script = (
-            HARNESS.record(HARNESS.KIND_AUTH, unique)
-            + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
-            + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=0)
-            + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=1)
-            + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
-            + HARNESS.record(HARNESS.KIND_TIME, length=6000)
-        )
-        for control, length, payload in HARNESS.records(script):
-            driver.step(control, length, payload)
+        _run(driver, _whole_call(invite.replace(b"seed-invite", b"pile%d" % i)))
     assert driver.engine.stats()["calls.ended.client"] >= 10
     assert len(driver.engine._calls._recent_starts.get("alice", ())) <= 2
 
@@ -149,20 +157,9 @@ def test_ended_calls_are_not_held_by_their_timers() -> None:
         + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
         + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=0)
     )
-    for control, length, payload in HARNESS.records(long_call):
-        driver.step(control, length, payload)
+    _run(driver, long_call)
     for i in range(10):
-        unique = invite.replace(b"seed-invite", b"held%d" % i)
-        script = (
-            HARNESS.record(HARNESS.KIND_AUTH, unique)
-            + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
-            + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=0)
-            + HARNESS.record(HARNESS.KIND_FOLLOW_UP, select=1)
-            + HARNESS.record(HARNESS.KIND_CARRIER_ANSWER, select=3)
-            + HARNESS.record(HARNESS.KIND_TIME, length=6000)
-        )
-        for control, length, payload in HARNESS.records(script):
-            driver.step(control, length, payload)
+        _run(driver, _whole_call(invite.replace(b"seed-invite", b"held%d" % i)))
     stats = driver.engine.stats()
     assert stats["calls.ended.client"] >= 5, stats
     calls = driver.engine._calls
