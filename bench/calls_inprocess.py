@@ -47,7 +47,6 @@ import gc
 import heapq
 import os
 import pickle
-import pstats
 import random
 import re
 import shutil
@@ -167,25 +166,9 @@ FILE_LAYERS = {
 }  # fmt: skip
 
 
-def split_by_layer(stats: pstats.Stats) -> dict[str, float]:
-    raw = stats.stats  # type: ignore[attr-defined]
-    shares: dict[str, float] = {}
-
-    def charge(func: tuple[str, int, str], seconds: float, depth: int = 0) -> None:
-        layer = FILE_LAYERS.get(os.path.basename(func[0]))
-        if layer is None and depth < 4:
-            callers = raw.get(func, (0, 0, 0, 0, {}))[4]
-            total = sum(c[2] for c in callers.values()) or 1.0
-            if callers:
-                for caller, c in callers.items():
-                    charge(caller, seconds * c[2] / total, depth + 1)
-                return
-        layer = layer or "other"
-        shares[layer] = shares.get(layer, 0.0) + seconds
-
-    for func, (_, _, tt, _, _) in raw.items():
-        charge(func, tt)
-    return shares
+def layer_of(func: tuple[str, int, str]) -> str | None:
+    """The layer of a profiled function, None for built-ins and generated code."""
+    return FILE_LAYERS.get(os.path.basename(func[0]))
 
 
 # ------------------------------------------------------------------ the engine
@@ -615,7 +598,7 @@ def main() -> None:
         f"{args.n / cpu:,.0f} calls/s"
     )
     if args.profile:
-        print_profile(lambda: replay(steps, args.seed), cpu, split_by_layer, top=25)
+        print_profile(lambda: replay(steps, args.seed), cpu, layer_of, top=25)
 
 
 if __name__ == "__main__":

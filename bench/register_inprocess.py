@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pstats
 import random
 import re
 import shutil
@@ -140,27 +139,6 @@ def layer_of(func: tuple[str, int, str]) -> str | None:
             return "response build + serialise"
         return "message accessors/headers"
     return FILE_LAYERS.get(base)
-
-
-def split_by_layer(stats: pstats.Stats) -> dict[str, float]:
-    raw = stats.stats  # type: ignore[attr-defined]
-    shares: dict[str, float] = {}
-
-    def charge(func: tuple[str, int, str], seconds: float, depth: int = 0) -> None:
-        layer = layer_of(func)
-        if layer is None and depth < 4:
-            callers = raw.get(func, (0, 0, 0, 0, {}))[4]
-            total = sum(c[2] for c in callers.values()) or 1.0
-            if callers:
-                for caller, c in callers.items():
-                    charge(caller, seconds * c[2] / total, depth + 1)
-                return
-        layer = layer or "other"
-        shares[layer] = shares.get(layer, 0.0) + seconds
-
-    for func, (_, _, tt, _, _) in raw.items():
-        charge(func, tt)
-    return shares
 
 
 def make_engine(seed: int) -> Engine:
@@ -283,7 +261,7 @@ def main() -> None:
         f"registration (2 transactions, 4 messages), {args.n / cpu:,.0f} registrations/s"
     )
     if args.profile:
-        print_profile(lambda: replay(steps, args.seed), cpu, split_by_layer, top=12)
+        print_profile(lambda: replay(steps, args.seed), cpu, layer_of, top=12)
 
 
 if __name__ == "__main__":
