@@ -20,6 +20,7 @@ from engine_harness import (
     Harness,
     Phone,
     account,
+    ack_for_failure,
     answer,
     requests_to,
     responses_to,
@@ -46,8 +47,9 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _ack(request: Request, response: Response, branch: str) -> Request:
-    return Request("ACK", request.uri if response.status_code >= 300 else "sip:203.0.113.1", [
+def _ack_2xx(request: Request, response: Response, branch: str) -> Request:
+    """The client's ACK for a 2xx: a new transaction (§13.2.2.4)."""
+    return Request("ACK", "sip:203.0.113.1", [
         ("Via", f"SIP/2.0/UDP 10.0.0.7:5060;branch={branch};rport"),
         ("Max-Forwards", "70"),
         ("From", request.headers.get("From") or ""),
@@ -62,13 +64,13 @@ def _call(h: Harness, n: int, *, client_hangs_up: bool) -> None:
     uri = f"sip:{DIGITS}@sip.kx21.com"
     first = phone.request("INVITE", uri, body=OFFER)
     challenge = responses_to(h.receive(first), CLIENT)[-1]
-    h.receive(_ack(first, challenge, first.vias[0].branch or ""))
+    h.receive(ack_for_failure(first, challenge))
     phone.cseq += 1
     second = phone.authorize(phone.request("INVITE", uri, body=OFFER), challenge)
     [b_invite] = requests_to(h.receive(second), CARRIER)
     h.receive(answer(b_invite, 180, "Ringing"), source=CARRIER)
     [ok] = responses_to(h.receive(answer(b_invite, 200, "OK", body=ANSWER), source=CARRIER), CLIENT)
-    h.receive(_ack(second, ok, f"z9hG4bK-ack-{n}"))
+    h.receive(_ack_2xx(second, ok, f"z9hG4bK-ack-{n}"))
     h.advance(5)
     if client_hangs_up:
         bye = phone.request("BYE", "sip:203.0.113.1:5060", to_tag=ok.to.tag,
