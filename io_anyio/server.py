@@ -799,19 +799,9 @@ class Server:
         try:
             if relay is None:
                 raise MediaUnavailable("no media relay configured")
-            allocate_async = getattr(relay, "allocate_async", None)
-            if allocate_async is not None:
-                # The relay client speaks to the relay from this loop: no
-                # worker-thread hop (three per call otherwise).
-                with anyio.fail_after(self._options.relay_timeout):
-                    allocation = await allocate_async(
-                        action.call_ref, a_peer=action.a_peer, echo=action.echo
-                    )
-            else:
-                allocate = partial(
-                    relay.allocate, action.call_ref, a_peer=action.a_peer, echo=action.echo
-                )
-                allocation = await self._in_thread(self._options.relay_timeout, allocate)
+            allocation: MediaAllocation = await self._relay_call(
+                relay, "allocate", action.call_ref, a_peer=action.a_peer, echo=action.echo
+            )
         except Exception as exc:
             self._backend_failed("relay", "allocate", exc)
             reason = str(exc) or type(exc).__name__
@@ -822,37 +812,26 @@ class Server:
     async def _update_media(self, action: UpdateMedia, then: Sequence[Action] = ()) -> None:
         relay = self._relay
         if relay is not None:
-            update_async = getattr(relay, "update_async", None)
-            update = partial(
-                update_async or relay.update,
-                action.call_ref,
-                a_peer=action.a_peer,
-                b_peer=action.b_peer,
-                a_events=action.a_events,
-                b_events=action.b_events,
-            )
             try:
-                if update_async is not None:
-                    with anyio.fail_after(self._options.relay_timeout):
-                        await update()
-                else:
-                    await self._in_thread(self._options.relay_timeout, update)
+                await self._relay_call(
+                    relay,
+                    "update",
+                    action.call_ref,
+                    a_peer=action.a_peer,
+                    b_peer=action.b_peer,
+                    a_events=action.a_events,
+                    b_events=action.b_events,
+                )
             except Exception as exc:
                 self._backend_failed("relay", "update", exc)
         self._perform(then)
 
     async def _release_media(self, action: ReleaseMedia) -> None:
-        if self._relay is None:
+        relay = self._relay
+        if relay is None:
             return
-        release_async = getattr(self._relay, "release_async", None)
         try:
-            if release_async is not None:
-                with anyio.fail_after(self._options.relay_timeout):
-                    a_leg, b_leg = await release_async(action.call_ref)
-            else:
-                a_leg, b_leg = await self._in_thread(
-                    self._options.relay_timeout, self._relay.release, action.call_ref
-                )
+            a_leg, b_leg = await self._relay_call(relay, "release", action.call_ref)
         except Exception as exc:
             self._backend_failed("relay", "release", exc)
             return
@@ -894,6 +873,18 @@ class Server:
                 continue
             break
         return True
+
+    async def _relay_call(self, relay: MediaRelay, name: str, *args: Any, **kwargs: Any) -> Any:
+        """The relay's ``name`` operation within ``relay_timeout``. A relay that
+        offers ``<name>_async`` (``RelayClient``) is awaited on this loop, with no
+        worker-thread hop (three per call otherwise); any other ``MediaRelay``
+        (the seam is synchronous: test fakes, embedders' relays) runs in a thread."""
+        timeout = self._options.relay_timeout
+        run_async = getattr(relay, f"{name}_async", None)
+        if run_async is None:
+            return await self._in_thread(timeout, partial(getattr(relay, name), *args, **kwargs))
+        with anyio.fail_after(timeout):
+            return await run_async(*args, **kwargs)
 
     async def _in_thread(self, timeout: float, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking back-end call in a worker thread; TimeoutError past ``timeout``
