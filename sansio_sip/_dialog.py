@@ -18,13 +18,11 @@ from ._errors import ParseError
 from ._headers import parse_contact, parse_name_addr
 from ._message import Headers, Request, Response
 from ._model import Address, Transport
-from ._sdp import codec_name, parse_sdp
 from ._uri import SipUri, format_host, parse_uri
 
 __all__ = [
     "ALLOW_IN_DIALOG",
     "Leg",
-    "codec_of",
     "contact_uri",
     "contact_value",
     "dialed_digits",
@@ -174,15 +172,6 @@ def without_tag(value: str) -> str:
             name_addr, params=tuple((k, v) for k, v in name_addr.params if k.lower() != "tag")
         )
     )
-
-
-def codec_of(body: bytes) -> str | None:
-    if not body:
-        return None
-    try:
-        return codec_name(parse_sdp(body))
-    except ParseError:
-        return None
 
 
 def synthetic_response(request: Request, code: int, reason: str) -> Response:
