@@ -49,15 +49,13 @@ import os
 import pickle
 import random
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Generator
 from pathlib import Path
 
-from _profile_split import print_profile
+from _measure import instructions, print_profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -493,17 +491,8 @@ def relay_from_a_loop(n: int) -> None:
 
 
 def callgrind_relay(args: argparse.Namespace) -> None:
-    counts = []
-    for k in (0, args.n):
-        proc = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-             sys.executable, __file__, "--relay", "--n", str(args.n), "--replays", str(k)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        found = re.search(r"Collected : (\d+)", proc.stderr)
-        if found is None:
-            sys.exit(proc.stderr[-2000:])
-        counts.append(int(found.group(1)))
+    run = ("--relay", "--n", str(args.n), "--replays")
+    counts = [instructions(__file__, *run, str(k)) for k in (0, args.n)]
     print(
         f"callgrind: {(counts[1] - counts[0]) / args.n:,.0f} instructions per call of relay "
         f"control (allocate, update, delete; n={args.n}; user space only)"
@@ -513,24 +502,12 @@ def callgrind_relay(args: argparse.Namespace) -> None:
 def callgrind(args: argparse.Namespace) -> None:
     """Instructions per call: (replay of n) - (replay of 0), over n. The calls
     are recorded here, natively; the two runs under valgrind load them."""
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed")
     steps, _ = record(args.n, args.rate, args.hold, args.seed)
-    counts = []
     with tempfile.NamedTemporaryFile(suffix=".pickle") as saved:
         pickle.dump(steps, saved)
         saved.flush()
-        for k in (0, 1):
-            proc = subprocess.run(
-                ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                 sys.executable, __file__, "--seed", str(args.seed), "--steps", saved.name,
-                 "--gc", args.gc, "--replays", str(k)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            found = re.search(r"Collected : (\d+)", proc.stderr)
-            if found is None:
-                sys.exit(proc.stderr[-2000:])
-            counts.append(int(found.group(1)))
+        run = ("--seed", str(args.seed), "--steps", saved.name, "--gc", args.gc, "--replays")
+        counts = [instructions(__file__, *run, str(k)) for k in (0, 1)]
     print(
         f"callgrind: {(counts[1] - counts[0]) / args.n:,.0f} instructions per call "
         f"(n={args.n}, rate={args.rate:g}/s, hold={args.hold:g} s, {args.gc} GC)"

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from _measure import instructions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -182,8 +182,6 @@ def passes_only(name: str, datas: list[bytes], n: int) -> None:
 
 def callgrind(corpus: Path, n: int) -> None:
     """Instructions per message for each installed parser, and the ratios."""
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed")
     datas = [data for _, data in load_corpus(corpus)]
     per_message: dict[str, float] = {}
     for name, make in CANDIDATES:
@@ -192,18 +190,8 @@ def callgrind(corpus: Path, n: int) -> None:
         except ImportError as exc:
             print(f"{name:<12} skipped: not installed ({exc.name})")
             continue
-        counts = []
-        for passes in (0, n):
-            proc = subprocess.run(
-                ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                 sys.executable, __file__, "--corpus", str(corpus),
-                 "--passes-only", name, "--n", str(passes)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            found = re.search(r"Collected : (\d+)", proc.stderr)
-            if found is None:
-                sys.exit(proc.stderr[-2000:])
-            counts.append(int(found.group(1)))
+        run = ("--corpus", str(corpus), "--passes-only", name, "--n")
+        counts = [instructions(__file__, *run, str(passes)) for passes in (0, n)]
         per_message[name] = (counts[1] - counts[0]) / (n * len(datas))
     print(f"python {sys.version.split()[0]}  corpus={len(datas)} msgs  n={n}  (callgrind)")
     print(f"{'parser':<12} {'instr/msg':>10} {'speed vs naive':>15}")

@@ -34,14 +34,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _profile_split import print_profile
+from _measure import instructions, print_profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -214,19 +211,8 @@ def check(finals: list[bytes], n: int) -> None:
 
 def callgrind(n: int, seed: int, default_gc: bool) -> None:
     """Instructions per registration: (replay of n) - (replay of 0), over n."""
-    if shutil.which("valgrind") is None:
-        sys.exit("valgrind is not installed")
-    counts = []
-    for k in (0, n):
-        proc = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-             sys.executable, __file__, "--n", str(n), "--seed", str(seed), "--replays", str(k)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        found = re.search(r"Collected : (\d+)", proc.stderr)
-        if found is None:
-            sys.exit(proc.stderr[-2000:])
-        counts.append(int(found.group(1)))
+    args = ("--n", str(n), "--seed", str(seed), "--replays")
+    counts = [instructions(__file__, *args, str(k)) for k in (0, n)]
     print(f"callgrind: {(counts[1] - counts[0]) / n:,.0f} instructions per registration (n={n})")
 
 

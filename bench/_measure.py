@@ -1,14 +1,36 @@
-"""The ``--profile`` report of the in-process benches (register_inprocess.py,
-calls_inprocess.py): the cyclic collector's share, then the replay's own time
-split by layer, then the top functions."""
+"""Measuring machinery shared by the bench scripts: instruction counts under
+callgrind (parse.py, register_inprocess.py, calls_inprocess.py), and the
+``--profile`` report of the in-process benches (the cyclic collector's share,
+then the replay's own time split by layer, then the top functions)."""
 
 from __future__ import annotations
 
 import cProfile
 import gc
 import pstats
+import re
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+
+
+def instructions(script: str, *args: str) -> int:
+    """Instructions callgrind counts for one run of ``python script args``
+    (exits when valgrind is missing or reports no count)."""
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed")
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         sys.executable, script, *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if found is None:
+        sys.exit(proc.stderr[-2000:])
+    return int(found.group(1))
+
 
 Func = tuple[str, int, str]  # cProfile's key: (path, line, function name)
 
