@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import heapq
 import os
 import pickle
@@ -367,17 +366,12 @@ def record(n: int, rate: float, hold: float, seed: int) -> tuple[list[Step], lis
 
 
 def server_gc(setting: str) -> None:
-    """The cyclic collector as ``kx-sipd serve`` sets it once up (``settle_gc``:
-    start-up objects frozen, thresholds raised), or CPython's default."""
+    """The cyclic collector as ``kx-sipd serve`` settles it once up
+    (``kx_sipd.app.settle_gc``), or CPython's default, untouched."""
     if setting == "server":
-        from kx_sipd.app import GC_THRESHOLDS
+        from kx_sipd.app import settle_gc
 
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
-    else:
-        gc.unfreeze()
-        gc.set_threshold(700, 10, 10)
+        settle_gc()
 
 
 def replay(steps: list[Step], seed: int) -> list[bytes]:
