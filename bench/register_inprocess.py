@@ -211,9 +211,13 @@ def check(finals: list[bytes], n: int) -> None:
 
 def callgrind(n: int, seed: int, default_gc: bool) -> None:
     """Instructions per registration: (replay of n) - (replay of 0), over n."""
-    args = ("--n", str(n), "--seed", str(seed), "--replays")
+    gc = ("--default-gc",) if default_gc else ()
+    args = ("--n", str(n), "--seed", str(seed), *gc, "--replays")
     counts = [instructions(__file__, *args, str(k)) for k in (0, n)]
-    print(f"callgrind: {(counts[1] - counts[0]) / n:,.0f} instructions per registration (n={n})")
+    print(
+        f"callgrind: {(counts[1] - counts[0]) / n:,.0f} instructions per registration "
+        f"(n={n}, {'default' if default_gc else 'server'} GC)"
+    )
 
 
 def main() -> None:
