@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import cProfile
 import gc
+import os
 import pstats
 import re
 import shutil
@@ -21,10 +22,13 @@ def instructions(script: str, *args: str) -> int:
     (exits when valgrind is missing or reports no count)."""
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed")
+    # A fixed hash seed: with a random one, the counts move by ~1 % between
+    # runs (dict and set layouts differ), more than many changes measured.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
          sys.executable, script, *args],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )  # fmt: skip
     found = re.search(r"Collected : (\d+)", proc.stderr)
     if found is None:
