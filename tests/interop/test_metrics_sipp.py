@@ -46,19 +46,18 @@ from calls_support import (
     start_kx,
     users_file,
 )
+from interop.softphones.required import requires
 from prometheus_client.parser import text_string_to_metric_families
 
 import io_anyio
 import io_socket
-from kx_sipd.settings import ServerSettings
 from kx_sipd.store import Store
 from kx_sipd.trace import HepTrace, decode_hep
 from sansio_sip import Address, Engine, EngineConfig, MediaAllocation, MediaStats
 
-pytestmark = [
-    pytest.mark.interop,
-    pytest.mark.skipif(SIPP is None, reason="sipp is not installed (OS package sip-tester)"),
-]
+pytestmark = pytest.mark.interop
+# Each test drives SIPp: skipped without it, failed under CI (interop/softphones/required.py).
+needs_sipp = requires("sipp", SIPP, "scripts/install-test-deps.sh installs sip-tester")
 
 ANCHORS = Path(__file__).resolve().parents[3] / "shared" / "anchors" / "sipp"
 USERS = [(f"u{n:05d}", f"pw{n:05d}x") for n in range(1, 4)]
@@ -175,6 +174,7 @@ def _wait(predicate: Any, timeout: float = WAIT) -> bool:
     return bool(predicate())
 
 
+@needs_sipp
 def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     kx, directory = monitored.kx, monitored.directory
     before = monitored.scrape()
@@ -235,6 +235,7 @@ def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     assert delta(after, before, "kx_sipd_relay_packets_total", shard="0", direction="in") >= 0
 
 
+@needs_sipp
 def test_pcap_of_a_call_holds_every_message_of_its_ladder(monitored: Monitored) -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.utils import rdpcap
@@ -420,10 +421,7 @@ def test_status_and_bans_against_a_running_server(driver: str, tmp_path: Path) -
 # -- HEP ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    "hep" not in attrs.fields_dict(ServerSettings),
-    reason="kx-sipd serve has no --hep option yet (requested in /work/brief/requests-ops.md)",
-)
+@needs_sipp
 def test_hep_packets_reach_a_collector_during_a_call(driver: str, tmp_path: Path) -> None:
     collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     collector.bind((HOST, 0))
@@ -509,6 +507,7 @@ class _Relay:
         return []
 
 
+@needs_sipp
 @pytest.mark.parametrize("engine_driver", ["anyio-asyncio", "anyio-trio", "socket"])
 def test_each_driver_streams_hep_during_a_call(engine_driver: str, tmp_path: Path) -> None:
     """The same, with the engine served in this process by each driver and its HepTrace

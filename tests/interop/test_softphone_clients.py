@@ -28,24 +28,22 @@ from interop.softphones.baresip import Baresip, baresip_binary
 from interop.softphones.carrier import Carrier
 from interop.softphones.linphone import Linphonec, linphonec_binary
 from interop.softphones.ports import HOST, free_port
+from interop.softphones.required import requires
 from interop.softphones.rtp import PCMU, TELEPHONE_EVENT, parse_dtmf
 from interop.softphones.server import REALM, KxServer, make_database
 
 pytestmark = pytest.mark.interop
 T = TypeVar("T")
 
-needs_baresip = pytest.mark.skipif(
-    baresip_binary() is None, reason="baresip missing (scripts/install-test-deps.sh installs it)"
+needs_baresip = requires(
+    "baresip", baresip_binary(), "scripts/install-test-deps.sh installs baresip-core"
 )
-needs_linphonec = pytest.mark.skipif(
-    linphonec_binary() is None,
-    reason="linphonec missing (scripts/install-test-deps.sh installs linphone-cli)",
+needs_linphonec = requires(
+    "linphonec", linphonec_binary(), "scripts/install-test-deps.sh installs linphone-cli"
 )
-needs_sipsak = pytest.mark.skipif(
-    shutil.which("sipsak") is None, reason="sipsak missing (scripts/install-test-deps.sh)"
-)
-needs_sipp = pytest.mark.skipif(
-    shutil.which("sipp") is None, reason="sipp missing (scripts/install-test-deps.sh)"
+needs_sipsak = requires("sipsak", shutil.which("sipsak"), "scripts/install-test-deps.sh")
+needs_sipp = requires(
+    "sipp", shutil.which("sipp"), "scripts/install-test-deps.sh installs sip-tester"
 )
 
 ECHO = "9196"
