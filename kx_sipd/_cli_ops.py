@@ -168,7 +168,13 @@ def _status_text(answer: dict[str, Any]) -> str:
             )
     shared = answer.get("shared_accounts")
     if shared is not None:
-        lines += ["", f"accounts used from several addresses: {len(shared)}"]
+        devices = answer.get("devices", {})
+        lines += [
+            "",
+            f"accounts used from several addresses: {len(shared)}  (since start: "
+            f"{devices.get('sharing_seen', 0)} requests from a second address, "
+            f"{devices.get('second_refused', 0)} refused)",
+        ]
         if shared:
             lines.append(
                 table(

@@ -183,9 +183,14 @@ class ControlEndpoint:
             body["sip"] = {"up": False, "error": str(exc)}
         else:
             body["sip"] = {
-                "up": bool(snapshot.addresses),
+                "up": bool(snapshot.addresses) and snapshot.accepting,
                 "listen": [_format(address) for address in snapshot.addresses],
             }
+            if not snapshot.addresses:
+                body["sip"]["error"] = "no SIP socket is bound"
+            elif not snapshot.accepting:
+                # A load balancer must stop sending calls here: they would get 503.
+                body["sip"]["error"] = "stopping: new calls are refused while calls up end"
         body["store"] = self._store.result()
         sample = self.metrics.relay_sample()
         if sample is None:
@@ -261,6 +266,13 @@ class ControlEndpoint:
                 {"account": account, "addresses": list(addresses)}
                 for account, addresses in snapshot.shared
             ]
+            out["devices"] = {
+                # Since start: requests let through from an account's additional address,
+                # and those refused by --one-device-per-account (a refused device never
+                # shows in shared_accounts: it is not remembered as one of the account's).
+                "sharing_seen": stats.get("accounts_shared", 0),
+                "second_refused": stats.get("refused_second_device", 0),
+            }
         sample = metrics.relay_sample()
         if sample is not None:
             out["relay"] = {"up": sample.up, "error": sample.error, "shards": list(sample.shards)}

@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -347,10 +348,20 @@ def _digest(user: str, password: str, nonce: str, uri: str) -> str:
     return hashlib.md5(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()
 
 
-def _register(server: tuple[str, int], user: str, password: str) -> int | None:
-    """REGISTER, answer the challenge with ``password``; the final status (None: no answer)."""
+def _register(
+    server: tuple[str, int], user: str, password: str, *, source: str = HOST
+) -> int | None:
+    """REGISTER from ``source`` (a loopback address), answer the challenge with
+    ``password``; the final status (None: no answer)."""
+    return _register_answer(server, user, password, source=source)[0]
+
+
+def _register_answer(
+    server: tuple[str, int], user: str, password: str, *, source: str = HOST
+) -> tuple[int | None, str]:
+    """(final status, its reason phrase) of a REGISTER from ``source``."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((source, 0))
         sock.settimeout(2.0)
         port = sock.getsockname()[1]
         call_id = f"{random.getrandbits(64):x}"
@@ -360,10 +371,10 @@ def _register(server: tuple[str, int], user: str, password: str) -> int | None:
             sock.sendto(
                 (
                     f"REGISTER {uri} SIP/2.0\r\n"
-                    f"Via: SIP/2.0/UDP {HOST}:{port};branch=z9hG4bK{call_id}{cseq};rport\r\n"
+                    f"Via: SIP/2.0/UDP {source}:{port};branch=z9hG4bK{call_id}{cseq};rport\r\n"
                     f"Max-Forwards: 70\r\nFrom: <sip:{user}@{REALM}>;tag={call_id}\r\n"
                     f"To: <sip:{user}@{REALM}>\r\nCall-ID: {call_id}\r\n"
-                    f"CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{HOST}:{port}>\r\n"
+                    f"CSeq: {cseq} REGISTER\r\nContact: <sip:{user}@{source}:{port}>\r\n"
                     f"{authorization}Expires: 60\r\nContent-Length: 0\r\n\r\n"
                 ).encode(),
                 server,
@@ -371,17 +382,18 @@ def _register(server: tuple[str, int], user: str, password: str) -> int | None:
             try:
                 answer = sock.recv(65535).decode()
             except TimeoutError:
-                return None
-            status = int(answer.split(" ", 2)[1])
+                return None, ""
+            _version, code, reason = answer.split("\r\n", 1)[0].split(" ", 2)
+            status = int(code)
             if status != 401:
-                return status
+                return status, reason
             nonce = answer.split('nonce="', 1)[1].split('"', 1)[0]
             response = _digest(user, password, nonce, uri)
             authorization = (
                 f'Authorization: Digest username="{user}", realm="{REALM}", nonce="{nonce}", '
                 f'uri="{uri}", response="{response}", algorithm=MD5\r\n'
             )
-        return None
+        return None, ""
 
 
 def test_status_and_bans_against_a_running_server(driver: str, tmp_path: Path) -> None:
@@ -416,6 +428,94 @@ def test_status_and_bans_against_a_running_server(driver: str, tmp_path: Path) -
         assert listed.stdout.strip() == "no bans"
     finally:
         server.kx.stop()
+
+
+# -- credential sharing (guide §3: one user per endpoint) -----------------------------------------
+
+SECOND_DEVICE = "127.0.0.2"  # another loopback address: another device to the server
+
+
+def test_an_account_used_from_two_addresses_is_counted_and_listed(
+    driver: str, tmp_path: Path
+) -> None:
+    server = _serve(tmp_path, driver)
+    try:
+        (user, password), (other, other_password) = USERS[0], USERS[1]
+        before = server.scrape()
+        assert _register(server.kx.address, user, password) == 200
+        assert _register(server.kx.address, other, other_password) == 200
+        assert value(server.scrape(), "kx_sipd_shared_accounts") == 0
+        # Without --one-device-per-account the second device is served, and noticed.
+        assert _register(server.kx.address, user, password, source=SECOND_DEVICE) == 200
+        after = server.scrape()
+        assert value(after, "kx_sipd_shared_accounts") == 1
+        assert delta(after, before, "kx_sipd_accounts_shared_total") == 1
+        assert value(after, "kx_sipd_second_devices_refused_total") == 0
+        status = server.cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        body = orjson.loads(status.stdout)
+        assert body["shared_accounts"] == [{"account": user, "addresses": [HOST, SECOND_DEVICE]}]
+        assert body["devices"] == {"sharing_seen": 1, "second_refused": 0}
+        text = server.cli("status").stdout
+        assert "accounts used from several addresses: 1  (since start: 1 requests" in text, text
+        assert re.search(rf"(?m)^{user} +{HOST} {SECOND_DEVICE}$", text), text
+        assert '"event":"account.shared"' in server.kx.log_tail(20_000)
+    finally:
+        server.kx.stop()
+
+
+def test_one_device_per_account_refuses_the_second_device_clearly(
+    driver: str, tmp_path: Path
+) -> None:
+    server = _serve(tmp_path, driver, "--one-device-per-account")
+    try:
+        user, password = USERS[0]
+        assert _register_answer(server.kx.address, user, password) == (200, "OK")
+        refused = _register_answer(server.kx.address, user, password, source=SECOND_DEVICE)
+        assert refused == (403, "Account in use by another device")
+        # The first device goes on as before; another account is not affected.
+        assert _register(server.kx.address, user, password) == 200
+        assert _register(server.kx.address, *USERS[1], source=SECOND_DEVICE) == 200
+        found = server.scrape()
+        assert value(found, "kx_sipd_second_devices_refused_total") == 1
+        assert value(found, "kx_sipd_shared_accounts") == 0
+        assert value(found, "kx_sipd_auth_failures_total", reason="bad-credentials") == 0
+        body = orjson.loads(server.cli("status", "--json").stdout)
+        assert body["devices"] == {"sharing_seen": 0, "second_refused": 1}
+        assert "0 requests from a second address, 1 refused)" in server.cli("status").stdout
+    finally:
+        server.kx.stop()
+
+
+# -- graceful shutdown -------------------------------------------------------------------------
+
+
+@needs_sipp
+def test_healthz_is_503_while_the_server_stops_taking_calls(driver: str, tmp_path: Path) -> None:
+    """SIGTERM with a call up: the call goes on for the grace period and new calls get
+    503, so /healthz says the SIP service is down (a load balancer moves new calls to
+    another host) while the control endpoint still answers."""
+    server = _serve(tmp_path, driver, "--shutdown-grace", "30")
+    calls = None
+    try:
+        assert server.health()[0] == 200
+        calls = _sipp(
+            "long", "uac_call_auth.xml", server.kx.address, tmp_path, 1, "-s", "9196", "-d", "30000"
+        )
+        calls.start()
+        assert _wait(lambda: value(server.scrape(), "kx_sipd_calls_active") == 1)
+        server.kx.process.send_signal(signal.SIGTERM)
+        assert _wait(lambda: server.health()[0] == 503, timeout=10), server.health()
+        status, body = server.health()
+        assert body["down"] == ["sip"], body
+        assert body["sip"]["error"].startswith("stopping"), body
+        found = server.scrape()
+        assert value(found, "kx_sipd_up", component="sip") == 0
+        assert value(found, "kx_sipd_calls_active") == 1  # the call up is not cut
+    finally:
+        if calls is not None:
+            calls.stop()
+        server.kx.stop()  # a second SIGTERM: calls ended at once
 
 
 # -- HEP ---------------------------------------------------------------------------------------

@@ -5,13 +5,16 @@ and the CLI commands (status, bans list|clear) against it."""
 from __future__ import annotations
 
 import http.client
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner
 
+from kx_sipd._cli_ops import _status_text
 from kx_sipd.cli import main
 from kx_sipd.control import ControlEndpoint, ControlError, _loopback, control_request
 from kx_sipd.metrics import RelayMonitor, ServerMetrics
@@ -25,6 +28,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.banned = {"192.0.2.9": 300.0, "192.0.2.10": 20.0}
         self.active_calls = 1
+        self.accepting = True  # Engine.stop_accepting (graceful shutdown) makes it False
 
     def stats(self) -> dict[str, int]:
         return {
@@ -32,13 +36,15 @@ class FakeEngine:
             "calls.started": 2,
             "calls.answered": 1,
             "auth.accepted": 2,
+            "accounts_shared": 3,
+            "refused_second_device": 2,
         }
 
     def bans(self, *, now: float) -> list[tuple[str, float]]:
         return sorted(self.banned.items())
 
     def shared_accounts(self, *, now: float) -> list[tuple[str, tuple[str, ...]]]:
-        return [("bob", ("192.0.2.1:5060", "192.0.2.2:5060"))]
+        return [("bob", ("192.0.2.1", "192.0.2.2"))]
 
     def clear_bans(self, ip: str | None = None) -> int:
         if ip is None:
@@ -153,6 +159,19 @@ def test_healthz_is_200_when_all_is_up_and_503_naming_what_is_down(run: Running)
     assert "did not answer" in body["sip"]["error"]
 
 
+def test_healthz_is_503_while_the_server_stops_taking_calls(run: Running) -> None:
+    """Graceful shutdown: calls up go on, new ones get 503; a load balancer must move
+    new calls to another host, so the SIP component is down then."""
+    run.engine.accepting = False
+    status, body = run.json("GET", "/healthz")
+    assert status == 503 and body["down"] == ["sip"]
+    assert body["sip"]["error"].startswith("stopping") and body["sip"]["listen"]
+    status, data, _kind = run.ask("GET", "/metrics")
+    assert b'kx_sipd_up{component="sip"} 0.0' in data
+    run.engine.accepting = True
+    assert run.json("GET", "/healthz")[0] == 200
+
+
 def test_healthz_before_the_driver_serves_says_sip_is_down() -> None:
     running = Running()
     running.endpoint.start()
@@ -173,9 +192,8 @@ def test_status_bans_and_clearing(run: Running) -> None:
         {"ip": "192.0.2.10", "seconds_left": 20.0},
         {"ip": "192.0.2.9", "seconds_left": 300.0},
     ]
-    assert body["shared_accounts"] == [
-        {"account": "bob", "addresses": ["192.0.2.1:5060", "192.0.2.2:5060"]}
-    ]
+    assert body["shared_accounts"] == [{"account": "bob", "addresses": ["192.0.2.1", "192.0.2.2"]}]
+    assert body["devices"] == {"sharing_seen": 3, "second_refused": 2}
     assert body["relay"]["up"] is True
     status, body = run.json("POST", "/bans/clear", b'{"ip": "192.0.2.9"}')
     assert (status, body) == (200, {"cleared": 1, "ip": "192.0.2.9"})
@@ -245,7 +263,12 @@ def test_status_command_text_and_json(run: Running) -> None:
     assert "kx-sipd 0.1.0 (socket)" in result.output
     assert "health: ok" in result.output
     assert "calls up: 1" in result.output
-    assert "192.0.2.9" in result.output and "bob" in result.output
+    assert "192.0.2.9" in result.output
+    assert "accounts used from several addresses: 1  (since start: 3 requests from a second " in (
+        result.output
+    )
+    assert "2 refused)" in result.output
+    assert re.search(r"(?m)^bob +192\.0\.2\.1 192\.0\.2\.2$", result.output), result.output
     result = _cli(run.endpoint.address, "status", "--json")
     assert result.exit_code == 0
     assert orjson.loads(result.output)["calls"]["up"] == 1
@@ -275,3 +298,66 @@ def test_commands_say_clearly_when_no_server_listens() -> None:
     result = _cli(address, "status")
     assert result.exit_code == 1
     assert "no kx-sipd control endpoint" in result.output
+
+
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+STATUS_EXAMPLE: dict[str, Any] = {
+    "server": {
+        "version": "0.1.0",
+        "driver": "anyio",
+        "backend": "asyncio",
+        "pid": 4242,
+        "uptime_s": 7987.2,
+        "started": "2026-11-26T11:02:40Z",
+        "listen": ["0.0.0.0:5060"],
+        "sip_address": "203.0.113.5:5060",
+    },
+    "health": {"status": "ok", "down": []},
+    "calls": {"up": 3, "started": 118, "answered": 97},
+    "routes": {
+        "carrier": {
+            "up": 3,
+            "attempts": 112,
+            "answers": 93,
+            "failures": {"486": 9, "487": 7, "503": 3},
+        },
+        "echo": {"up": 0, "attempts": 6, "answers": 4, "failures": {"487": 2}},
+    },
+    "relay": {
+        "up": True,
+        "error": None,
+        "shards": [
+            {
+                "index": 0,
+                "up": True,
+                "calls": 2,
+                "free_pairs": 248,
+                "packets_in": 81234,
+                "packets_out": 81190,
+                "packets_lost": 3,
+                "jitter_ms_mean": 1.2,
+            },
+            {
+                "index": 1,
+                "up": True,
+                "calls": 1,
+                "free_pairs": 249,
+                "packets_in": 40611,
+                "packets_out": 40598,
+                "packets_lost": 0,
+                "jitter_ms_mean": 0.9,
+            },
+        ],
+    },
+    "bans": [{"ip": "198.51.100.7", "seconds_left": 412.3}],
+    "shared_accounts": [{"account": "acmeclient", "addresses": ["192.0.2.10", "203.0.113.44"]}],
+    "devices": {"sharing_seen": 14, "second_refused": 0},
+}
+
+
+def test_the_operations_page_shows_what_status_prints() -> None:
+    """docs/operations.md's ``kx-sipd status`` example is the formatter's output for the
+    figures it shows (uptime, calls, routes, relay shards, bans, shared accounts)."""
+    page = OPERATIONS.read_text(encoding="utf-8")
+    shown = page.split("$ kx-sipd status\n", 1)[1].split("```", 1)[0].rstrip("\n")
+    assert shown == _status_text(STATUS_EXAMPLE)

@@ -131,6 +131,8 @@ def test_engine_counters_become_labelled_families() -> None:
     assert value(found, "kx_sipd_auth_failures_total", reason="bad-credentials") == 2
     assert value(found, "kx_sipd_auth_failures_total", reason="unknown-user") == 1
     assert ("kx_sipd_auth_failures_total", (("reason", "challenge"),)) not in found
+    # A reason that never happened is there at 0 (alerts on rate() need the series).
+    assert found[("kx_sipd_auth_failures_total", (("reason", "source-not-allowed"),))] == 0
     assert value(found, "kx_sipd_auth_challenges_total") == 5
     assert value(found, "kx_sipd_calls_started_total") == 3
     assert value(found, "kx_sipd_calls_rejected_total", code="488") == 1
