@@ -35,7 +35,7 @@ import pytest
 
 from kx_sipd.settings import DEFAULT_REALM, ServerSettings
 from kx_sipd.store import Store
-from sansio_sip import Route
+from sansio_sip import EngineConfig, Route
 
 pytestmark = pytest.mark.interop
 
@@ -52,7 +52,10 @@ ACCOUNTS = {
     "noroute": {},
     "paused": {"route": "carrier"},
     "rotate": {"route": "carrier"},
+    "office": {"route": "carrier", "allowed_sources": ("192.0.2.0/24",)},
+    "shared": {"route": "carrier"},
 }
+SECOND_DEVICE = "127.0.0.2"  # another loopback address: another device to the server
 
 
 # -- reading the page ------------------------------------------------------------
@@ -171,17 +174,27 @@ def offer(rtp: tuple[str, int], formats: str = "96 0 8 101") -> bytes:
 class Phone:
     """One softphone: a UDP (or TCP) SIP socket and an RTP socket."""
 
-    def __init__(self, server: tuple[str, int], user: str, transport: str = "udp") -> None:
+    def __init__(
+        self,
+        server: tuple[str, int],
+        user: str,
+        transport: str = "udp",
+        *,
+        host: str = "127.0.0.1",
+        public: tuple[str, int] | None = None,
+    ) -> None:
+        """``host``: the address the phone's sockets are bound to; ``public``: the
+        address it writes in Via, Contact and SDP instead (what STUN told it)."""
         self.server, self.user, self.transport = server, user, transport
         if transport == "udp":
             self.sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sip.bind(("127.0.0.1", 0))
+            self.sip.bind((host, 0))
         else:
-            self.sip = socket.create_connection(server, timeout=WAIT)
-        self.local = self.sip.getsockname()[:2]
+            self.sip = socket.create_connection(server, timeout=WAIT, source_address=(host, 0))
         self.rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.rtp.bind(("127.0.0.1", 0))
-        self.rtp_address = self.rtp.getsockname()[:2]
+        self.rtp.bind((host, 0))
+        self.local = public or self.sip.getsockname()[:2]
+        self.rtp_address = (public[0], public[1] + 2) if public else self.rtp.getsockname()[:2]
         self.buffer = b""
         self.tag = f"{random.getrandbits(32):08x}"
         self.cseq = 0
@@ -548,6 +561,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, carrier: Carrier) -> Iterat
             "--relay-shards", "1",
             "--rtp-address", "127.0.0.1",
             "--ban-failures", "1000",  # every test client shares 127.0.0.1
+            "--one-device-per-account",  # the operator's option behind one §9 row
         ]  # fmt: skip
         with log.open("wb") as stderr:
             process = subprocess.Popen(
@@ -704,6 +718,45 @@ def test_the_allowed_methods_are_the_documented_ones(server: Server) -> None:
     assert {method.strip() for method in allow.split(",")} == documented
 
 
+def test_behind_nat_or_with_stun_sip_and_audio_follow_the_packets(server: Server) -> None:
+    """§7: a phone that writes another address in Via, Contact and SDP (a public one
+    learnt from STUN, or a private one behind NAT) gets its answers and its audio
+    where its packets come from."""
+    public = ("203.0.113.9", 40000)  # nothing here: only the phone's real socket answers
+    with Phone(server.address, "acme", public=public) as phone:
+        assert register(phone).status == 200
+        call = invite(phone, ECHO)
+        assert call.final.status == 200, call.final
+        sdp = call.final.body.decode()
+        media = re.search(r"m=audio (\d+) ", sdp)
+        address = re.search(r"c=IN IP4 (\S+)", sdp)
+        assert media is not None and address is not None, sdp
+        relay = (address.group(1), int(media.group(1)))
+        phone.rtp.settimeout(0.2)
+        echoed = 0
+        for sequence in range(50):
+            payload = bytes([sequence]) * 160
+            phone.rtp.sendto(
+                struct.pack("!BBHII", 0x80, 0, sequence, sequence * 160, 0x4321) + payload, relay
+            )
+            try:
+                if phone.rtp.recv(2048)[12:] == payload:
+                    echoed += 1
+            except TimeoutError:
+                pass
+            if echoed >= 3:
+                break
+        assert echoed >= 3, "no audio came back to the phone's real RTP socket"
+        assert call.bye().status == 200
+
+
+def test_the_operator_options_named_on_the_page_exist() -> None:
+    options = {f"--{name.replace('_', '-')}" for name in attrs.fields_dict(ServerSettings)}
+    named = set(re.findall(r"`(--[a-z-]+)`", PAGE[: PAGE.index("## 1.")]))
+    assert named == {"--realm", "--uniform-auth-failures", "--one-device-per-account"}
+    assert named <= options
+
+
 def test_ban_figures_are_the_defaults() -> None:
     defaults = ServerSettings()
     text = re.search(r"\((\d+) within a minute\) block\s+that address for (\d+) minutes", PAGE)
@@ -745,6 +798,30 @@ def provoke_destination_not_allowed(server: Server, carrier: Carrier) -> list[Re
 def provoke_no_route(server: Server, carrier: Carrier) -> list[Response]:
     with Phone(server.address, "noroute") as phone:
         return [invite(phone, "17752180264").final]
+
+
+def provoke_source_not_allowed(server: Server, carrier: Carrier) -> list[Response]:
+    # "office" may connect from 192.0.2.0/24 only; this phone is on 127.0.0.1.
+    with Phone(server.address, "office") as phone:
+        return [register(phone), invite(phone, ECHO).final]
+
+
+def provoke_second_device(server: Server, carrier: Carrier) -> list[Response]:
+    silent = int(
+        re.search(r"silent for (\d+) seconds", PAGE).group(1)  # type: ignore[union-attr]
+    )
+    assert silent == attrs.fields(EngineConfig).register_expires.default  # the device interval
+    with (
+        Phone(server.address, "shared") as first,
+        Phone(server.address, "shared", host=SECOND_DEVICE) as second,
+    ):
+        assert register(first).status == 200
+        answers = [register(second), invite(second, ECHO).final]
+        # The first device is not disturbed.
+        call = invite(first, ECHO)
+        assert call.final.status == 200, call.final
+        assert call.bye().status == 200
+        return answers
 
 
 def provoke_call_limit(server: Server, carrier: Carrier) -> list[Response]:
@@ -878,6 +955,8 @@ PROVOKE: dict[tuple[int, str], Callable[[Server, Carrier], list[Response]]] = {
     (403, "Bad credentials"): provoke_bad_credentials,
     (403, "Destination not allowed"): provoke_destination_not_allowed,
     (403, "No route for account"): provoke_no_route,
+    (403, "Source not allowed"): provoke_source_not_allowed,
+    (403, "Account in use by another device"): provoke_second_device,
     (403, "Call limit reached"): provoke_call_limit,
     (405, "Method Not Allowed"): provoke_405,
     (408, "Request Timeout"): provoke_408,
@@ -919,9 +998,9 @@ def test_the_server_sends_each_documented_error(
         # hold them for a moment: its release reaches the relay after the BYE
         # is answered. A row that needs relay ports is tried again, bounded,
         # once they are back (the 503 relay row provokes exactly that).
-        if reason == "Media relay unavailable" or [
-            (a.status, a.reason) for a in answers
-        ] != [(503, "Media relay unavailable")]:
+        if reason == "Media relay unavailable" or [(a.status, a.reason) for a in answers] != [
+            (503, "Media relay unavailable")
+        ]:
             break
         time.sleep(0.5)
         answers = provoke(server, carrier)
