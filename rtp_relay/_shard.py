@@ -61,6 +61,16 @@ MAX_EXPIRED = 1000
 MAX_LIST = 100
 _MUTATING = frozenset({"allocate", "update", "delete"})
 """Operations whose replies are cached by cookie (the others are safe to repeat)."""
+MEDIA_TOTALS = (
+    "packets_in",
+    "bytes_in",
+    "packets_out",
+    "bytes_out",
+    "dropped_foreign",
+    "dropped_malformed",
+    "dropped_no_peer",
+)
+"""The per-stream figures a shard's ``stats`` sums over its live and ended calls."""
 STOP_CHECK = 0.1
 """Seconds between checks of the shutdown event and of the supervisor's presence."""
 FOREIGN_RETRY = 30.0
@@ -263,13 +273,8 @@ class Shard:
 
     def _fold(self, stream: Stream) -> None:
         totals = self.closed_totals
-        totals["packets_in"] += stream.packets_in
-        totals["bytes_in"] += stream.bytes_in
-        totals["packets_out"] += stream.packets_out
-        totals["bytes_out"] += stream.bytes_out
-        totals["dropped_foreign"] += stream.dropped_foreign
-        totals["dropped_malformed"] += stream.dropped_malformed
-        totals["dropped_no_peer"] += stream.dropped_no_peer
+        for key in MEDIA_TOTALS:
+            totals[key] += getattr(stream, key)
 
     def query(self, message: dict[str, Any], now: float) -> dict[str, Any]:
         """One call's full figures."""
@@ -299,16 +304,12 @@ class Shard:
 
     def stats(self, message: dict[str, Any], now: float) -> dict[str, Any]:
         """The shard's figures: calls, ports, packets (live and ended calls), drops."""
-        totals = collections.Counter(self.closed_totals)
+        # Every key, zeros included: an idle shard reports 0, not a missing figure.
+        totals = {key: self.closed_totals[key] for key in MEDIA_TOTALS}
         for call, _sockets in self.calls.values():
             for stream in (call.a_rtp, call.a_rtcp, call.b_rtp, call.b_rtcp):
-                totals["packets_in"] += stream.packets_in
-                totals["bytes_in"] += stream.bytes_in
-                totals["packets_out"] += stream.packets_out
-                totals["bytes_out"] += stream.bytes_out
-                totals["dropped_foreign"] += stream.dropped_foreign
-                totals["dropped_malformed"] += stream.dropped_malformed
-                totals["dropped_no_peer"] += stream.dropped_no_peer
+                for key in MEDIA_TOTALS:
+                    totals[key] += getattr(stream, key)
         return {
             "ok": True,
             "pid": os.getpid(),
@@ -319,7 +320,7 @@ class Shard:
             "timed_out": sum(1 for c, _s in self.calls.values() if c.timed_out is not None),
             "rtp": self.table[self.index]["rtp"],
             "free_pairs": len(self.free),
-            "media": dict(totals),
+            "media": totals,
             "counters": dict(self.counters),
         }
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -329,24 +331,33 @@ def start_server(
     directory: Path,
     db: Path,
     *,
-    rtp_ports: int,
-    shards: int,
-    media_timeout: float,
+    rtp_ports: int = 0,
+    shards: int = 1,
+    media_timeout: float = 60.0,
+    relay: StandaloneRelay | None = None,
 ) -> MediaServer:
-    """``kx-sipd serve`` on free ports (retried if a port was taken meanwhile)."""
+    """``kx-sipd serve`` on free ports (retried if a port was taken meanwhile),
+    with its own relay, or with ``--relay`` naming a standalone one."""
     log = directory / "kx-sipd.log"
     for _attempt in range(3):
         port = free_port(tcp_too=True)
-        rtp = free_rtp_range(rtp_ports)
+        if relay is None:
+            rtp = free_rtp_range(rtp_ports)
+            media = [
+                "--rtp-range", f"{rtp[0]}-{rtp[1]}",
+                "--rtp-address", HOST,
+                "--relay-shards", str(shards),
+                "--media-timeout", str(media_timeout),
+            ]  # fmt: skip
+        else:
+            rtp = relay.rtp_range
+            media = ["--relay", f"{relay.control[0]}:{relay.control[1]}"]
         command = [
             sys.executable, "-m", "kx_sipd", "serve",
             "--db", str(db),
             "--listen", f"{HOST}:{port}",
-            "--rtp-range", f"{rtp[0]}-{rtp[1]}",
-            "--rtp-address", HOST,
-            "--relay-shards", str(shards),
+            *media,
             "--relay-secret", RELAY_SECRET,
-            "--media-timeout", str(media_timeout),
             "--log-level", "info",
         ]  # fmt: skip
         with log.open("ab") as sink:
@@ -362,6 +373,9 @@ def start_server(
         deadline = time.monotonic() + START_WAIT
         while time.monotonic() < deadline and process.poll() is None:
             if _answers_options(port):
+                if relay is not None:
+                    server.control = relay.control
+                    return server
                 started = log_events(log, "relay.started")
                 assert started, log.read_text()[-4000:]
                 host, control = started[-1]["control"]  # type: ignore[misc]
@@ -369,6 +383,171 @@ def start_server(
                 return server
         server.stop(timeout=5)
     raise RuntimeError("kx-sipd serve did not answer OPTIONS:\n" + log.read_text()[-4000:])
+
+
+@attrs.define
+class StandaloneRelay:
+    """A running ``kx-sipd relay serve`` (the relay on "another host"), its log."""
+
+    control: tuple[str, int]
+    rtp_range: tuple[int, int]
+    shards: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return int(self.process.returncode)
+
+
+def start_standalone_relay(directory: Path, *, rtp_ports: int, shards: int) -> StandaloneRelay:
+    """``kx-sipd relay serve`` on a free control block and RTP range, secret from
+    $KX_RELAY_SECRET (as an operator would keep it off the command line); returns
+    once its ``relay.started`` line is logged."""
+    from rtp_relay._supervisor import pick_control_port
+
+    log = directory / "relay.log"
+    for _attempt in range(3):
+        control = (HOST, pick_control_port(HOST, shards))
+        rtp = free_rtp_range(rtp_ports)
+        command = [
+            sys.executable, "-m", "kx_sipd", "relay", "serve",
+            "--control", f"{control[0]}:{control[1]}",
+            "--rtp-range", f"{rtp[0]}-{rtp[1]}",
+            "--relay-shards", str(shards),
+            "--media-host", HOST,
+            "--rtp-address", HOST,
+            "--log-level", "info",
+        ]  # fmt: skip
+        with log.open("ab") as sink:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                env={**_environment(), "KX_RELAY_SECRET": RELAY_SECRET},
+                cwd=directory,
+            )
+        relay = StandaloneRelay(control, rtp, shards, log, process)
+        deadline = time.monotonic() + START_WAIT
+        while time.monotonic() < deadline and process.poll() is None:
+            started = log_events(log, "relay.started")
+            if started and started[-1]["control"] == list(control):
+                return relay
+            time.sleep(0.1)
+        relay.stop(timeout=5)
+    raise RuntimeError("kx-sipd relay serve did not start:\n" + log.read_text()[-4000:])
+
+
+SCENARIOS = Path(__file__).resolve().parent / "sipp"
+
+
+@attrs.define
+class SippMedia:
+    """One SIPp process that also streams RTP (``rtp_stream``) from ``media_port``."""
+
+    name: str
+    media_port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def messages(self) -> Path:
+        return self.directory / f"{self.name}_messages.log"
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return int(self.process.wait(timeout))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"SIPp {self.name} did not finish: {self.diagnostics()}") from None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(3)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(3)
+
+    def diagnostics(self) -> str:
+        parts = []
+        for path in (
+            self.directory / f"{self.name}_output.log",
+            self.directory / f"{self.name}_errors.log",
+            self.messages,
+        ):
+            if path.exists():
+                parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+    def sdp_ports(self, start: str) -> list[int]:
+        """The ``m=audio`` ports of the messages SIPp received whose first line
+        starts with ``start`` (e.g. "SIP/2.0 200" or "INVITE ")."""
+        text = self.messages.read_text(errors="replace").replace("\r\n", "\n")
+        ports = []
+        for chunk in text.split("message received")[1:]:
+            # The message ends where SIPp's next "----- date" separator starts.
+            body = chunk.split("\n", 1)[1].lstrip("\n").split("\n-----", 1)[0]
+            if body.startswith(start):
+                ports += [int(p) for p in re.findall(r"^m=audio (\d+) ", body, re.MULTILINE)]
+        return ports
+
+
+def free_even_port() -> int:
+    """An even ephemeral loopback UDP port whose odd neighbour is free too (a SIPp
+    media port: outside ``RTP_PORTS``, so never inside a relay's range)."""
+    rtp, rtcp = RtpEndpoint.pair()
+    rtp.close()
+    rtcp.close()
+    return rtp.port
+
+
+def start_sipp_media(
+    name: str,
+    scenario: str,
+    directory: Path,
+    *,
+    port: int,
+    remote: tuple[str, int] | None = None,
+    extra: tuple[str, ...] = (),
+    timeout: float = 30.0,
+) -> SippMedia:
+    """SIPp on ``tests/interop/sipp/<scenario>`` for one call, streaming RTP with
+    ``rtp_stream`` from a media port of its own (``-mp``)."""
+    sipp = shutil.which("sipp")
+    assert sipp is not None
+    media_port = free_even_port()
+    command = [
+        sipp,
+        *([f"{remote[0]}:{remote[1]}"] if remote else []),
+        "-sf", str(SCENARIOS / scenario),
+        "-i", HOST, "-p", str(port), "-mi", HOST, "-mp", str(media_port),
+        "-m", "1", "-nostdin",
+        "-timeout", f"{int(timeout)}s", "-timeout_error",
+        "-trace_msg", "-message_file", str(directory / f"{name}_messages.log"),
+        "-trace_err", "-error_file", str(directory / f"{name}_errors.log"),
+        *extra,
+    ]  # fmt: skip
+    with (directory / f"{name}_output.log").open("wb") as sink:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, cwd=directory
+        )
+    return SippMedia(name, media_port, directory, process)
+
+
+def write_tone(path: Path, seconds: int = 1) -> int:
+    """A raw PCMU file for SIPp's ``rtp_stream`` (8000 bytes a second); the
+    number of 20 ms packets one play of it makes."""
+    path.write_bytes(bytes((i * 7) & 0xFF for i in range(8000 * seconds)))
+    return 50 * seconds
 
 
 # ------------------------------------------------------------------ SIP text

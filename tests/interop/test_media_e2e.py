@@ -33,16 +33,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import attrs
 import orjson
 import pytest
 from media_support import (
     HOST,
+    PASSWORD,
+    RELAY_SECRET,
     SIP_WAIT,
+    USER,
     Carrier,
     MediaServer,
     RtpEndpoint,
@@ -50,13 +56,21 @@ from media_support import (
     SipMessage,
     answers_options,
     dtmf_packets,
+    free_port,
+    kx_cli,
+    log_events,
     make_database,
     make_sdp,
     rtcp_receiver_report,
     rtp_packet,
     sdp_media,
     start_server,
+    start_sipp_media,
+    start_standalone_relay,
+    write_tone,
 )
+
+from rtp_relay import RelayClient
 
 pytestmark = pytest.mark.interop
 
@@ -498,6 +512,11 @@ def test_port_exhaustion_answers_503_and_the_server_keeps_serving(
     shards, _calls = tiny.relay_stats()
     assert shards[0]["counters"]["allocate-exhausted"] >= 1
     assert shards[0]["calls"] == 0 and shards[0]["free_pairs"] == 2, shards
+    # The operator finds why in the log: the server's refusal of the call and the
+    # relay's own line naming the shard that ran out.
+    refused_calls = log_events(tiny.log, "relay.allocate_failed")
+    assert any("exhausted" in str(fields.get("reason")) for fields in refused_calls), refused_calls
+    assert log_events(tiny.log, "relay.ports_exhausted"), tiny.log_tail()
 
 
 def test_the_server_log_stays_json_lines_when_ports_run_out(
@@ -632,3 +651,108 @@ def test_a_killed_shard_restarts_while_the_other_shards_call_loses_nothing(
     assert b_media["packets_in"] == len(down_sent) and b_media["packets_lost"] == 0, b_media
     # Every call of the module is over: the relay holds no allocation.
     _wait_relay_calls(main, 0)
+
+
+# ------------------------------------------------------------------ SIPp, standalone relay
+
+
+def _live_call(control: tuple[str, int], wait: float) -> dict[str, Any]:
+    """The relay's only call once media has crossed it both ways (polled in-process:
+    the call lasts seconds), with its shard's index."""
+    client = RelayClient(control, RELAY_SECRET.encode())
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            for shard in client.shard_stats():
+                for call in client.shard_calls(int(shard["index"])):
+                    if call["a"]["rtp"]["packets_in"] and call["b"]["rtp"]["packets_in"]:
+                        return {**call, "shard_index": shard["index"]}
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise AssertionError("no call with media both ways seen at the relay")
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed")
+def test_sipp_on_both_ends_streams_rtp_through_a_standalone_relay(tmp_path: Path) -> None:
+    """Issue 5 end to end with real processes only: ``kx-sipd relay serve`` on its
+    own (2 shards), ``kx-sipd serve --relay HOST:PORT`` using it, SIPp as the
+    client and SIPp as the carrier, each streaming PCMU with rtp_stream.
+
+    Each leg's SDP names the relay's ports; the relay latches to SIPp's media
+    ports; every packet of each side is counted in and out; the call record
+    carries both legs' figures; ``kx-sipd relay stats`` shows the packets."""
+    carrier_port = free_port()
+    db = make_database(tmp_path, carrier_port)
+    packets = 2 * write_tone(tmp_path / "tone.ulaw")  # played twice: 100 packets each way
+    users = tmp_path / "users.csv"
+    users.write_text(
+        f"SEQUENTIAL\n{USER};{PASSWORD};[authentication username={USER} password={PASSWORD}]\n"
+    )
+    relay = start_standalone_relay(tmp_path, rtp_ports=40, shards=2)
+    server: MediaServer | None = None
+    sipps = []
+    try:
+        server = start_server(tmp_path, db, relay=relay)
+        started = log_events(server.log, "server.started")[-1]
+        assert started["relay_local"] is False, started
+        assert started["relay"] == f"{HOST}:{relay.control[1]}", started
+        uas = start_sipp_media("uas", "relay_uas_rtp.xml", tmp_path, port=carrier_port)
+        sipps.append(uas)
+        uac = start_sipp_media(
+            "uac",
+            "relay_uac_rtp.xml",
+            tmp_path,
+            port=free_port(),
+            remote=server.address,
+            extra=("-s", next_digits(), "-inf", str(users)),
+        )
+        sipps.append(uac)
+
+        live = _live_call(relay.control, wait=SIP_WAIT)
+        low, high = relay.rtp_range
+        for port in (live["a_port"], live["b_port"]):
+            assert low <= port < high and port % 2 == 0, (port, relay.rtp_range)
+        # Latched to the ports SIPp streams from.
+        assert live["a"]["rtp"]["peer"] == [HOST, uac.media_port], live
+        assert live["b"]["rtp"]["peer"] == [HOST, uas.media_port], live
+
+        assert uac.wait(30) == 0, uac.diagnostics()
+        assert uas.wait(30) == 0, uas.diagnostics()
+        # The SDP each leg saw: the client's 200 names the A port, the carrier's
+        # INVITE the B port.
+        assert uac.sdp_ports("SIP/2.0 200") == [live["a_port"]], uac.diagnostics()
+        assert uas.sdp_ports("INVITE ") == [live["b_port"]], uas.diagnostics()
+
+        deadline = time.monotonic() + SIP_WAIT
+        while True:
+            output = kx_cli(db, "calls", "list", "--json").stdout
+            records = [orjson.loads(line) for line in output.splitlines() if line.strip()]
+            if records and records[0].get("a_media") is not None:
+                break
+            assert time.monotonic() < deadline, records
+            time.sleep(0.2)
+        assert len(records) == 1, records
+        record = records[0]
+        assert record["ended_by"] == "client" and record["codec"] == "PCMU", record
+        for leg in ("a_media", "b_media"):
+            media = record[leg]
+            assert isinstance(media, dict), record
+            assert media["packets_in"] == media["packets_out"] == packets, (leg, media)
+            assert media["bytes_in"] == media["bytes_out"] == packets * 172, (leg, media)
+            assert media["packets_lost"] == 0, (leg, media)
+
+        # The operator's view of the standalone relay: the call is gone, its
+        # packets stay counted in the shard totals.
+        shards, calls = server.relay_stats()
+        assert calls == [] and len(shards) == 2, (shards, calls)
+        assert sum(s["media"]["packets_in"] for s in shards) == 2 * packets, shards
+        assert sum(s["media"]["packets_out"] for s in shards) == 2 * packets, shards
+        owner = next(s for s in shards if s["index"] == live["shard_index"])
+        assert owner["counters"]["allocated"] == owner["counters"]["deleted"] == 1, owner
+    finally:
+        for sipp in sipps:
+            sipp.stop()
+        if server is not None:
+            server.stop()
+        assert relay.stop() == 0, relay.log.read_text()[-4000:]

@@ -324,6 +324,110 @@ def test_allocations_are_spread_over_shards(client: RelayClient) -> None:
         client.release(ref)
 
 
+def test_shared_control_port_spreads_new_allocations_over_shards(relay: LocalRelay) -> None:
+    """The shared control port is bound by every shard with SO_REUSEPORT: allocations
+    sent to it from different source ports are balanced by the kernel over the
+    shards (16 senders all hashed to one of two shards: odds 1 in 32,768)."""
+    owners: dict[str, int] = {}
+    try:
+        for i in range(16):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(WAIT)
+                ref = call_ref()
+                request = {"c": f"spread-{i}-{ref}", "op": "allocate", "ts": time.time()}
+                sock.sendto(seal(SECRET, {**request, "call": ref, "echo": True}), relay.control)
+                reply = open_datagram(SECRET, sock.recv(65535))
+                assert reply["ok"], reply
+                owners[ref] = int(reply["shard"])
+        assert set(owners.values()) == {0, 1}, owners
+    finally:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(WAIT)
+            for ref, index in owners.items():
+                delete = {"c": f"free-{ref}", "op": "delete", "ts": time.time(), "call": ref}
+                sock.sendto(seal(SECRET, delete), ("127.0.0.1", relay.control[1] + 1 + index))
+                assert open_datagram(SECRET, sock.recv(65535))["ok"]
+
+
+def _udp_ports_of(pid: int) -> set[int]:
+    """The local ports of the IPv4 UDP sockets process ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    with open("/proc/net/udp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_each_shard_binds_only_the_ports_of_its_slice() -> None:
+    """Every port pair of the range in use: each shard process holds exactly the
+    RTP/RTCP ports of its own slice (plus its control ports), the supervisor none."""
+    relay = start(8, media_timeout=30.0)  # 8 pairs, 2 shards: 2 calls each
+    client = relay.client()
+    try:
+        low, high = relay.config.rtp_range
+        for _ in range(4):
+            client.allocate(call_ref(), a_peer=None, echo=False)
+        stats = client.shard_stats()
+        assert [s["free_pairs"] for s in stats] == [0, 0], stats
+        seen: set[int] = set()
+        for shard in stats:
+            first, last = shard["rtp"]
+            media = {p for p in _udp_ports_of(int(shard["pid"])) if low <= p <= high}
+            assert media == set(range(first, last + 1)), (shard["index"], sorted(media))
+            assert not media & seen
+            seen |= media
+        assert seen == set(range(low, high + 1))
+        assert not {p for p in _udp_ports_of(relay.pid) if low <= p <= high}
+    finally:
+        client.close()
+        relay.stop()
+
+
+def test_relatch_after_silence_with_a_new_ssrc_over_real_sockets(
+    relay: LocalRelay, client: RelayClient, endpoints: list[Endpoint]
+) -> None:
+    """The re-latch window: a new source with a new SSRC is refused while the
+    latched one is talking, and takes the stream over once it has been silent
+    for relatch_after (0.5 s); the carrier's media then follows the new source."""
+    phone, moved, carrier = endpoints[:3]
+    ref = call_ref()
+    alloc = client.allocate(ref, a_peer=phone.address, echo=False)
+    client.update(ref, a_peer=phone.address, b_peer=carrier.address)
+    try:
+        phone.send(rtp(1, ssrc=0xA1), a_side(alloc))
+        assert carrier.recv() is not None
+        moved.send(rtp(1, ssrc=0xC3), a_side(alloc))  # too soon: dropped
+        assert carrier.recv(timeout=0.2) is None
+        time.sleep(relay.config.relatch_after + 0.2)
+        moved.send(rtp(2, ssrc=0xC3), a_side(alloc))  # after the silence: takes over
+        got = carrier.recv()
+        assert got is not None and got[0] == rtp(2, ssrc=0xC3)
+        carrier.send(rtp(9, ssrc=0xB2), b_side(alloc))
+        back = moved.recv()
+        assert back is not None and back[0] == rtp(9, ssrc=0xB2)
+        assert phone.recv(timeout=0.2) is None
+        phone.send(rtp(3, ssrc=0xA1), a_side(alloc))  # the old source is foreign now
+        assert carrier.recv(timeout=0.2) is None
+        figures = client.query(ref)
+        assert figures is not None
+        assert figures["a"]["rtp"]["peer"] == list(moved.address)
+        assert figures["a"]["rtp"]["relatches"] == 1
+        assert figures["a"]["rtp"]["dropped_foreign"] == 2
+    finally:
+        client.release(ref)
+
+
 def test_stats_command_prints_counted_packets(
     relay: LocalRelay, client: RelayClient, endpoints: list[Endpoint]
 ) -> None:

@@ -113,6 +113,17 @@ def test_small_ranges_never_strand_a_pair(
     assert [len(s) for s in shard_slices(config)] == expected
 
 
+def test_default_shard_count_is_one_per_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--relay-shards omitted (None): one shard per CPU, each with its own slice."""
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    config = RelayConfig(secret=SECRET)
+    assert config.shards is None and config.rtp_range == (20000, 20999)
+    assert config.shard_count == 3
+    assert len(shard_slices(config)) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: None)  # unknown: one shard
+    assert RelayConfig(secret=SECRET).shard_count == 1
+
+
 def test_config_refuses_wildcard_advertised_address_and_short_secret() -> None:
     with pytest.raises(ValueError):
         RelayConfig(secret=SECRET, advertised="0.0.0.0")
@@ -253,6 +264,23 @@ def test_info_lists_the_shards(shard: Shard) -> None:
         }
     ]
     assert orjson.dumps(reply)
+
+
+def test_stats_of_an_idle_shard_report_every_media_figure_as_zero(shard: Shard) -> None:
+    """An operator (or a script summing shards) reads 0 for a shard without calls,
+    not a missing key."""
+    reply = command(shard, "stats")
+    assert reply is not None and reply["ok"]
+    assert reply["calls"] == 0
+    assert reply["media"] == {
+        "packets_in": 0,
+        "bytes_in": 0,
+        "packets_out": 0,
+        "bytes_out": 0,
+        "dropped_foreign": 0,
+        "dropped_malformed": 0,
+        "dropped_no_peer": 0,
+    }
 
 
 def test_only_mutating_commands_are_answered_from_the_cache(shard: Shard) -> None:

@@ -243,6 +243,37 @@ def test_jitter_matches_rfc3550_formula(delays: list[float], ts0: int) -> None:
     assert abs(s.jitter_ms - s.jitter / 8) < 1e-9
 
 
+def test_loss_and_jitter_against_a_hand_computed_sequence() -> None:
+    """Five packets worked through RFC 3550 by hand (§A.1/§A.3 loss, §A.8 jitter),
+    across both the 16-bit sequence wrap and the 32-bit timestamp wrap.
+
+    Sequence 65533, 65534, 65535, (0 lost), 1, 2: extended max = 65536 + 2 = 65538,
+    expected = 65538 - 65533 + 1 = 6, received 5, lost 1.
+    Jitter, timestamp units at 8000 Hz (20 ms = 160), D = arrival delta - ts delta:
+      #1 +20 ms, ts +160:  D =    0 -> J = 0
+      #2 +25 ms, ts +160:  D =  +40 -> J = 0 + (40 - 0)/16            = 2.5
+      #3 +35 ms, ts +320:  D =  -40 -> J = 2.5 + (40 - 2.5)/16        = 4.84375
+      #4 +20 ms, ts +160:  D =    0 -> J = 4.84375 - 4.84375/16       = 4.541015625
+    i.e. 4.541015625 / 8 = 0.567626953125 ms.
+    """
+    s = call().a_rtp
+    ts0 = 0xFFFFFEC0  # 4294966976: the third packet's timestamp wraps to 0
+    vector = [  # (sequence, timestamp offset in 20 ms frames, arrival in s)
+        (65533, 0, 1000.000),
+        (65534, 1, 1000.020),
+        (65535, 2, 1000.045),
+        (1, 4, 1000.080),
+        (2, 5, 1000.100),
+    ]
+    for seq, frame, arrival in vector:
+        feed(s, rtp(seq, ts=ts0 + 160 * frame), A_SRC, arrival)
+    assert s.packets_in == 5
+    assert s.packets_lost == 1
+    assert abs(s.jitter - 4.541015625) < 1e-6
+    assert s.media_stats().jitter_ms == 0.568  # 0.567626953125 rounded to the microsecond
+    assert s.media_stats().packets_lost == 1
+
+
 def test_steady_stream_has_no_jitter() -> None:
     s = call().a_rtp
     for i in range(100):
