@@ -10,6 +10,7 @@ if command -v apt-get >/dev/null 2>&1; then
   command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
   command -v linphonec >/dev/null 2>&1 || need+=(linphone-cli)
   command -v svcrack >/dev/null 2>&1 || need+=(sipvicious)
+  command -v sngrep >/dev/null 2>&1 || need+=(sngrep)  # reads the --hep stream in the tests
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

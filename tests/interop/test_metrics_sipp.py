@@ -17,6 +17,7 @@ import http.client
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -59,6 +60,8 @@ from sansio_sip import Address, Engine, EngineConfig, MediaAllocation, MediaStat
 pytestmark = pytest.mark.interop
 # Each test drives SIPp: skipped without it, failed under CI (interop/softphones/required.py).
 needs_sipp = requires("sipp", SIPP, "scripts/install-test-deps.sh installs sip-tester")
+SNGREP = shutil.which("sngrep")  # reads our pcap files and our HEP stream, as operators do
+needs_sngrep = requires("sngrep", SNGREP, "scripts/install-test-deps.sh installs sngrep")
 
 ANCHORS = Path(__file__).resolve().parents[3] / "shared" / "anchors" / "sipp"
 USERS = [(f"u{n:05d}", f"pw{n:05d}x") for n in range(1, 4)]
@@ -241,6 +244,23 @@ def test_pcap_of_a_call_holds_every_message_of_its_ladder(monitored: Monitored) 
     from scapy.layers.inet import IP, UDP
     from scapy.utils import rdpcap
 
+    path, ladder = _call_pcap(monitored)
+    packets = rdpcap(str(path))
+    assert len(packets) == len(ladder)
+    for packet, entry in zip(packets, ladder, strict=True):
+        assert bytes(packet[UDP].payload) == entry["message"].encode()
+        assert float(packet.time) == pytest.approx(entry["wall"], abs=1e-6)
+        peer = f"{packet[IP].src}:{packet[UDP].sport}"
+        ours = f"{packet[IP].dst}:{packet[UDP].dport}"
+        if entry["direction"] == "out":
+            peer, ours = ours, peer
+        assert peer == entry["peer"]
+        assert ours == f"{HOST}:{monitored.kx.port}"
+
+
+def _call_pcap(monitored: Monitored) -> tuple[Path, list[dict[str, Any]]]:
+    """``kx-sipd calls pcap`` of the latest call (one is made first when there is none):
+    the file, and the call's ladder as ``kx-sipd calls show --json`` gives it."""
     kx = monitored.kx
     line = kx.cli("calls", "list", "--limit", "1", "--json").stdout.splitlines()
     if not line:  # run alone: make one call first
@@ -254,22 +274,34 @@ def test_pcap_of_a_call_holds_every_message_of_its_ladder(monitored: Monitored) 
         orjson.loads(text)
         for text in kx.cli("calls", "show", call_id, "--json").stdout.splitlines()
     ]
-    ladder = shown["ladder"]
+    ladder: list[dict[str, Any]] = shown["ladder"]
     methods = [entry["message"].split(" ", 1)[0] for entry in ladder]
     assert "INVITE" in methods and "BYE" in methods, methods
     path = monitored.directory / "call.pcap"
-    kx.cli("calls", "pcap", call_id, "-o", str(path))
-    packets = rdpcap(str(path))
-    assert len(packets) == len(ladder)
-    for packet, entry in zip(packets, ladder, strict=True):
-        assert bytes(packet[UDP].payload) == entry["message"].encode()
-        assert float(packet.time) == pytest.approx(entry["wall"], abs=1e-6)
-        peer = f"{packet[IP].src}:{packet[UDP].sport}"
-        ours = f"{packet[IP].dst}:{packet[UDP].dport}"
-        if entry["direction"] == "out":
-            peer, ours = ours, peer
-        assert peer == entry["peer"]
-        assert ours == f"{HOST}:{kx.port}"
+    written = kx.cli("calls", "pcap", call_id, "-o", str(path))
+    assert written.returncode == 0, written.stderr
+    return path, ladder
+
+
+@needs_sipp
+@needs_sngrep
+def test_sngrep_reads_the_pcap_of_a_call(monitored: Monitored) -> None:
+    """The file is one sngrep takes (``sngrep -I call.pcap``): sngrep, reading it
+    headless, saves again every packet it parsed as SIP; all of the ladder is there."""
+    from scapy.layers.inet import UDP
+    from scapy.utils import rdpcap
+
+    path, ladder = _call_pcap(monitored)
+    again = path.with_name("sngrep-again.pcap")
+    subprocess.run(
+        [str(SNGREP), "-N", "-q", "-I", str(path), "-O", str(again)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    saved = [bytes(packet[UDP].payload) for packet in rdpcap(str(again))]
+    assert saved == [entry["message"].encode() for entry in ladder]
 
 
 def test_healthz_follows_the_store(monitored: Monitored) -> None:
@@ -579,6 +611,77 @@ def _check_hep(packets: list[Any], calls: Sipp, sip_port: int, *, agent_id: int)
     invites = [p for p in packets if p.payload.startswith(b"INVITE ")]
     assert len(invites) == 2 and all(p.protocol == 17 and p.family == 2 for p in invites)
     assert all(p.seconds > 1_600_000_000 and 0 <= p.micros < 1_000_000 for p in packets)
+
+
+@needs_sipp
+@needs_sngrep
+def test_sngrep_reads_the_hep_stream_of_a_call(tmp_path: Path) -> None:
+    """The HEP v3 stream read by a tool operators use, not by our own decoder: sngrep
+    listening as a HEP collector (``sngrep -L``) writes what it decapsulated to a pcap
+    file, read back with scapy. Every message SIPp sent to or got from kx-sipd is
+    there, byte for byte, with SIPp's and kx-sipd's addresses and ports."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import rdpcap
+
+    port = free_port()
+    capture = tmp_path / "hep.pcap"
+    sngrep = subprocess.Popen(
+        [str(SNGREP), "-N", "-q", "-L", f"udp:{HOST}:{port}", "-O", str(capture)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "sngrep.log").open("wb"),
+    )
+    server = None
+    try:
+        time.sleep(0.5)  # sngrep binds its socket
+        assert sngrep.poll() is None, (tmp_path / "sngrep.log").read_text()
+        server = _serve(tmp_path, "anyio", "--hep", f"{HOST}:{port}")
+        calls = _sipp("sngrep", "uac_call_auth.xml", server.kx.address, tmp_path, 1, "-s", "9196")
+        calls.start()
+        calls.wait(WAIT)
+        calls.assert_ok()
+        expected = calls.messages(retransmissions=True)
+        assert _wait(lambda: capture.exists() and len(rdpcap(str(capture))) >= len(expected))
+    finally:
+        if server is not None:
+            server.kx.stop()
+        sngrep.send_signal(signal.SIGTERM)
+        try:
+            sngrep.wait(5)
+        except subprocess.TimeoutExpired:
+            sngrep.kill()
+            sngrep.wait(5)
+    packets = rdpcap(str(capture))
+    seen = [
+        (
+            bytes(packet[UDP].payload),
+            (packet[IP].src, packet[UDP].sport),
+            (packet[IP].dst, packet[UDP].dport),
+        )
+        for packet in packets
+    ]
+    sipp_port = int(calls.command[calls.command.index("-p") + 1])
+    ours, theirs = (HOST, server.kx.port), (HOST, sipp_port)
+    for message in expected:
+        key = (message.first_line, message.header("Call-ID"), message.header("CSeq"))
+        ends = (theirs, ours) if message.direction == "sent" else (ours, theirs)
+        found = [
+            payload
+            for payload, source, destination in seen
+            if (source, destination) == ends and _key(payload) == key
+        ]
+        assert found, (key, message.direction, [_key(payload) for payload, _s, _d in seen])
+    assert len(seen) >= len(expected)
+
+
+def _key(payload: bytes) -> tuple[str, str | None, str | None]:
+    """(first line, Call-ID, CSeq) of a SIP message as bytes."""
+    head = payload.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
+    fields = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip().lower(), value.strip())
+    return head[0].strip(), fields.get("call-id"), fields.get("cseq")
 
 
 class _Relay:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 from interop.softphones.baresip import Baresip, baresip_binary
 from interop.softphones.carrier import Carrier
@@ -298,7 +299,7 @@ def test_baresip_echo_call(setup: Setup, baresip_for: Callable[..., Baresip]) ->
 @needs_baresip
 @needs_sipp
 def test_baresip_carrier_call(
-    setup: Setup, baresip_for: Callable[..., Baresip], carrier: Carrier
+    setup: Setup, baresip_for: Callable[..., Baresip], carrier: Carrier, tmp_path: Path
 ) -> None:
     """baresip calls a number routed to the carrier: its tone reaches the carrier's
     socket, the carrier's RTP reaches baresip, its digit arrives at the carrier as
@@ -336,6 +337,30 @@ def test_baresip_carrier_call(
     )
     assert record["b_call_id"] == header(invite, "Call-ID")
     assert record["b_media"]["packets_in"] >= 50
+    assert_pcap_holds_the_ladder(setup.server, call_id, tmp_path / "call.pcap")
+
+
+def assert_pcap_holds_the_ladder(server: KxServer, call_id: str, path: Path) -> None:
+    """Issue 8 §4: ``kx-sipd calls pcap`` of a call through the carrier, read with scapy,
+    holds every message of both legs in order, between kx-sipd and each leg's peer."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import rdpcap
+
+    written = server.cli("calls", "pcap", call_id, "-o", str(path))
+    assert written.returncode == 0, written.stderr
+    (shown,) = [orjson.loads(line) for line in server.cli("calls", "show", call_id, "--json")
+                .stdout.splitlines()]  # fmt: skip
+    ladder = shown["ladder"]
+    assert {entry["leg"] for entry in ladder} == {"A", "B"}
+    packets = rdpcap(str(path))
+    assert len(packets) == len(ladder)
+    ours = f"{HOST}:{server.port}"
+    for packet, entry in zip(packets, ladder, strict=True):
+        assert bytes(packet[UDP].payload) == entry["message"].encode()
+        ends = (f"{packet[IP].src}:{packet[UDP].sport}", f"{packet[IP].dst}:{packet[UDP].dport}")
+        assert ends == (
+            (entry["peer"], ours) if entry["direction"] == "in" else (ours, entry["peer"])
+        )
 
 
 @needs_baresip
