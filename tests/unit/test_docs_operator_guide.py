@@ -228,3 +228,19 @@ def test_the_config_reference_covers_the_settings_the_guide_names() -> None:
     assert quoted, "the guide names no settings"
     for name in quoted | {n for n in names if n in re.findall(r"`([a-z-]+)`", PAGE)}:
         assert f"### `{name}`" in reference, name
+
+
+def test_the_monitoring_recipe_matches_the_code() -> None:
+    """The "Is it running?" recipe: the default control address, the settings it names (quoted in
+    TOML form) and the status command are the real ones."""
+    from kx_sipd.control import DEFAULT_CONTROL
+
+    section = PAGE.split("### Is it running?", 1)[1].split("\n## ", 1)[0]
+    host, port = DEFAULT_CONTROL
+    assert f"{host}:{port} unless `metrics`" in section.replace("\n", " ")
+    assert section.count(f"http://{host}:{port}/") == 2
+    names = {field.name.replace("_", "-") for field in attrs.fields(ServerSettings)}
+    for key in re.findall(r'`([a-z-]+) = "', section):
+        assert key in names, key
+    result = CliRunner().invoke(main, ["status", "--help"])
+    assert result.exit_code == 0 and "relay" in result.output and "bans" in result.output
