@@ -49,6 +49,7 @@ from calls_support import (
     users_file,
 )
 from interop.softphones.required import requires
+from media_support import start_sipp_media, write_tone
 from prometheus_client.parser import text_string_to_metric_families
 
 import io_anyio
@@ -237,6 +238,80 @@ def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     assert value(after, "kx_sipd_relay_up") == 1
     assert value(after, "kx_sipd_relay_shard_up", shard="0") == 1
     assert delta(after, before, "kx_sipd_relay_packets_total", shard="0", direction="in") >= 0
+
+
+@needs_sipp
+def test_relay_and_media_figures_add_up_to_the_rtp_sipp_streamed(tmp_path: Path) -> None:
+    """A carrier call with SIPp on both ends, each streaming 100 PCMU packets through the
+    relay (media_support's relay_uac_rtp/relay_uas_rtp scenarios): scraped during the
+    call, the shard has it with loss and jitter figures; afterwards the shard's packet
+    counters moved by exactly what both SIPps sent, the call's media figures were
+    observed once per leg with no loss, and the route's counters say one answered call."""
+    carrier_port = free_port()
+    db = tmp_path / "kx.sqlite"
+    kx_cli(db, "routes", "add", "carrier", "--host", HOST, "--port", str(carrier_port))
+    user, password = USERS[0]
+    kx_cli(db, "accounts", "add", user, "--password", password, "--route", "carrier")
+    control = (HOST, free_port(socket.SOCK_STREAM))
+    server = Monitored(
+        start_kx(tmp_path, db, "--metrics", f"{HOST}:{control[1]}"), control, tmp_path
+    )
+    packets = 2 * write_tone(tmp_path / "tone.ulaw")  # played twice by each side
+    users = users_file(tmp_path, [(user, password)])
+    sipps = []
+    try:
+        before = server.scrape()
+        uas = start_sipp_media("uas", "relay_uas_rtp.xml", tmp_path, port=carrier_port)
+        sipps.append(uas)
+        uac = start_sipp_media(
+            "uac",
+            "relay_uac_rtp.xml",
+            tmp_path,
+            port=free_port(),
+            remote=server.kx.address,
+            extra=("-s", "17752180264", "-inf", str(users)),
+        )
+        sipps.append(uac)
+
+        def flowing() -> bool:
+            during = server.scrape()
+            return (
+                value(during, "kx_sipd_relay_shard_calls", shard="0") == 1
+                and delta(during, before, "kx_sipd_relay_packets_total", shard="0", direction="in")
+                > 0
+            )
+
+        assert _wait(flowing), uac.diagnostics()
+        during = server.scrape()
+        assert value(during, "kx_sipd_calls_up", route="carrier") == 1
+        assert ("kx_sipd_relay_packets_lost", (("shard", "0"),)) in during
+        assert ("kx_sipd_relay_jitter_ms", (("shard", "0"), ("stat", "max"))) in during
+        assert uac.wait(30) == 0, uac.diagnostics()
+        assert uas.wait(30) == 0, uas.diagnostics()
+
+        def media_seen() -> bool:
+            found = server.scrape()
+            return delta(found, before, "kx_sipd_call_media_jitter_ms_count", leg="B") == 1
+
+        assert _wait(media_seen)
+        after = server.scrape()
+    finally:
+        for sipp in sipps:
+            sipp.stop()
+        server.kx.stop()
+    for direction in ("in", "out"):
+        moved = delta(after, before, "kx_sipd_relay_packets_total", shard="0", direction=direction)
+        assert moved == 2 * packets, (direction, moved)
+        octets = delta(after, before, "kx_sipd_relay_bytes_total", shard="0", direction=direction)
+        assert octets == 2 * packets * 172, (direction, octets)
+    for leg in ("A", "B"):
+        assert delta(after, before, "kx_sipd_call_media_jitter_ms_count", leg=leg) == 1
+        assert delta(after, before, "kx_sipd_call_media_packets_lost_total", leg=leg) == 0
+    assert value(after, "kx_sipd_relay_shard_calls", shard="0") == 0
+    assert delta(after, before, "kx_sipd_call_attempts_total", route="carrier") == 1
+    assert delta(after, before, "kx_sipd_call_answers_total", route="carrier") == 1
+    assert delta(after, before, "kx_sipd_call_setup_seconds_count", route="carrier") == 1
+    assert delta(after, before, "kx_sipd_store_seconds_count", operation="attach_media_stats") == 1
 
 
 @needs_sipp
