@@ -78,7 +78,13 @@ def run_server(settings: ServerSettings) -> None:
         monitor: RelayMonitor
         if settings.relay is not None:
             assert settings.relay_secret is not None  # the settings refuse --relay without it
-            relay = RelayClient(settings.relay, settings.relay_secret.encode())
+            # Each allocation carries --media-timeout: it holds whatever the
+            # remote relay was started with (docs/relay-protocol.md).
+            relay = RelayClient(
+                settings.relay,
+                settings.relay_secret.encode(),
+                media_timeout=settings.media_timeout,
+            )
             relay_at = format_address(settings.relay)
             remote, secret = settings.relay, settings.relay_secret.encode()
             monitor = RelayMonitor(lambda: RelayClient(remote, secret, timeout=0.25, retries=1))

@@ -87,7 +87,9 @@ class RelayClient:
 
     ``control`` is the relay's shared control address, ``secret`` the shared
     HMAC key; ``timeout`` is the wait per attempt, ``retries`` the number of
-    retransmissions after the first attempt.
+    retransmissions after the first attempt. ``media_timeout``, when given, is
+    sent with every allocation, so the controller's ``--media-timeout`` holds
+    whatever the (remote) relay was started with; None leaves it to the relay.
     """
 
     def __init__(
@@ -98,9 +100,14 @@ class RelayClient:
         timeout: float = 0.5,
         retries: int = 3,
         lost_after: int = 3,
+        media_timeout: float | None = None,
     ) -> None:
         if len(secret) < 16:
             raise ValueError("the relay secret must be at least 16 bytes")
+        if media_timeout is not None and not media_timeout > 0:
+            raise ValueError("the media timeout must be positive")
+        # Beyond 10^9 s (31 years) is "never"; the relay takes any finite value below 10^10.
+        self.media_timeout = None if media_timeout is None else min(media_timeout, 1e9)
         self.control = control
         self._secret = secret
         self.timeout = timeout
@@ -289,12 +296,15 @@ class RelayClient:
         order = sorted(table)
         start = next(self._round_robin) % len(order)
         exhausted = 0
+        fields: dict[str, Any] = {
+            "call": call_ref,
+            "a_peer": list(a_peer) if a_peer else None,
+            "echo": echo,
+        }
+        if self.media_timeout is not None:
+            fields["media_timeout"] = self.media_timeout
         for index in order[start:] + order[:start]:
-            reply = yield _Ask(
-                table[index],
-                "allocate",
-                {"call": call_ref, "a_peer": list(a_peer) if a_peer else None, "echo": echo},
-            )
+            reply = yield _Ask(table[index], "allocate", fields)
             if reply is None:
                 LOG.warning("relay shard %d at %s does not answer", index, table[index])
                 continue

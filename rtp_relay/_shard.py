@@ -181,6 +181,7 @@ class Shard:
         if not isinstance(echo, bool):
             raise _Refused("bad-request")
         a_peer = _peer(message.get("a_peer"))
+        media_timeout = _media_timeout(message.get("media_timeout"))
         if call_ref in self.calls:
             return self._allocated(self.calls[call_ref][0])
         first = self._take_pair(now)
@@ -213,6 +214,7 @@ class Shard:
             relatch_after=self.config.relatch_after,
         )
         call.set_peers(a_peer, None)
+        call.media_timeout = media_timeout
         sockets = [a_rtp, a_rtcp] if echo else [a_rtp, a_rtcp, b_rtp, b_rtcp]
         wiring = [(a_rtp, call.a_rtp, b_rtp), (a_rtcp, call.a_rtcp, b_rtcp)]
         if not echo:
@@ -606,6 +608,16 @@ def _raise_fd_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _media_timeout(value: Any) -> float | None:
+    """A call's media timeout from ``allocate``: positive seconds, or absent/null
+    for the relay's own."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e10:
+        raise _Refused("bad-request")
+    return float(value)
 
 
 def _payload_type(value: Any) -> int | None:

@@ -269,6 +269,8 @@ class CallMedia:
 
     ``timed_out`` is the monotonic time the call was found without RTP for the
     media timeout (None while media flows); ``created`` starts that clock.
+    ``media_timeout`` is the call's own timeout, asked for by the controller in
+    ``allocate`` (None: the relay's ``--media-timeout``).
     """
 
     call_ref: str
@@ -281,6 +283,7 @@ class CallMedia:
     b_rtp: Stream
     b_rtcp: Stream
     timed_out: float | None = None
+    media_timeout: float | None = None
 
     @classmethod
     def build(
@@ -339,8 +342,10 @@ class CallMedia:
         return max(self.created, self.a_rtp.last_in, self.b_rtp.last_in)
 
     def check_timeout(self, *, now: float, media_timeout: float) -> bool:
-        """Mark the call timed out when no RTP flowed for ``media_timeout``; True on the transition."""
-        if self.timed_out is None and now - self.last_media() >= media_timeout:
+        """Mark the call timed out when no RTP flowed for its own media timeout, or
+        else ``media_timeout`` (the relay's); True on the transition."""
+        limit = self.media_timeout if self.media_timeout is not None else media_timeout
+        if self.timed_out is None and now - self.last_media() >= limit:
             self.timed_out = now
             return True
         return False

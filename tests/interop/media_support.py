@@ -239,6 +239,21 @@ class MediaServer:
                 calls.append({**entry["call"], "shard_index": entry["shard_index"]})
         return shards, calls
 
+    def cli_relay_stats(self) -> str:
+        """``kx-sipd relay stats`` (the text table) against this server's relay."""
+        control = f"{self.control[0]}:{self.control[1]}"
+        command = [sys.executable, "-m", "kx_sipd", "relay", "stats", "--control", control]
+        result = subprocess.run(
+            [*command, "--secret", RELAY_SECRET],
+            capture_output=True,
+            text=True,
+            env=_environment(),
+            timeout=CLI_WAIT,
+            check=False,
+        )
+        assert result.returncode == 0, f"kx-sipd relay stats: {result.stderr}"
+        return result.stdout
+
     def relay_call(self, a_port: int) -> dict[str, Any]:
         """The relay's figures for the call whose client-side port is ``a_port``,
         read in-process with a RelayClient (``relay_stats`` is the operator's way,
@@ -347,7 +362,6 @@ def start_server(
                 "--rtp-range", f"{rtp[0]}-{rtp[1]}",
                 "--rtp-address", HOST,
                 "--relay-shards", str(shards),
-                "--media-timeout", str(media_timeout),
             ]  # fmt: skip
         else:
             rtp = relay.rtp_range
@@ -357,6 +371,7 @@ def start_server(
             "--db", str(db),
             "--listen", f"{HOST}:{port}",
             *media,
+            "--media-timeout", str(media_timeout),
             "--relay-secret", RELAY_SECRET,
             "--log-level", "info",
         ]  # fmt: skip

@@ -54,6 +54,7 @@ from media_support import (
     RtpEndpoint,
     SipClient,
     SipMessage,
+    StandaloneRelay,
     answers_options,
     dtmf_packets,
     free_port,
@@ -673,8 +674,28 @@ def _live_call(control: tuple[str, int], wait: float) -> dict[str, Any]:
     raise AssertionError("no call with media both ways seen at the relay")
 
 
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandaloneRelay]:
+    """``kx-sipd relay serve`` on its own (2 shards, the default 60 s media timeout)."""
+    relay = start_standalone_relay(tmp_path_factory.mktemp("standalone"), rtp_ports=40, shards=2)
+    try:
+        yield relay
+    finally:
+        assert relay.stop() == 0, relay.log.read_text()[-4000:]
+
+
+def _media_totals(server: MediaServer) -> tuple[int, int]:
+    shards, _calls = server.relay_stats()
+    return (
+        sum(s["media"]["packets_in"] for s in shards),
+        sum(s["media"]["packets_out"] for s in shards),
+    )
+
+
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="SIPp is not installed")
-def test_sipp_on_both_ends_streams_rtp_through_a_standalone_relay(tmp_path: Path) -> None:
+def test_sipp_on_both_ends_streams_rtp_through_a_standalone_relay(
+    tmp_path: Path, standalone: StandaloneRelay
+) -> None:
     """Issue 5 end to end with real processes only: ``kx-sipd relay serve`` on its
     own (2 shards), ``kx-sipd serve --relay HOST:PORT`` using it, SIPp as the
     client and SIPp as the carrier, each streaming PCMU with rtp_stream.
@@ -689,11 +710,12 @@ def test_sipp_on_both_ends_streams_rtp_through_a_standalone_relay(tmp_path: Path
     users.write_text(
         f"SEQUENTIAL\n{USER};{PASSWORD};[authentication username={USER} password={PASSWORD}]\n"
     )
-    relay = start_standalone_relay(tmp_path, rtp_ports=40, shards=2)
+    relay = standalone
     server: MediaServer | None = None
     sipps = []
     try:
         server = start_server(tmp_path, db, relay=relay)
+        before = _media_totals(server)
         started = log_events(server.log, "server.started")[-1]
         assert started["relay_local"] is False, started
         assert started["relay"] == f"{HOST}:{relay.control[1]}", started
@@ -746,13 +768,39 @@ def test_sipp_on_both_ends_streams_rtp_through_a_standalone_relay(tmp_path: Path
         # packets stay counted in the shard totals.
         shards, calls = server.relay_stats()
         assert calls == [] and len(shards) == 2, (shards, calls)
-        assert sum(s["media"]["packets_in"] for s in shards) == 2 * packets, shards
-        assert sum(s["media"]["packets_out"] for s in shards) == 2 * packets, shards
-        owner = next(s for s in shards if s["index"] == live["shard_index"])
-        assert owner["counters"]["allocated"] == owner["counters"]["deleted"] == 1, owner
+        after = _media_totals(server)
+        assert (after[0] - before[0], after[1] - before[1]) == (2 * packets, 2 * packets)
+        text = server.cli_relay_stats()
+        assert text.splitlines()[0].split()[:7] == [
+            "shard", "pid", "restarts", "rtp", "calls", "free", "pkts_in"
+        ]  # fmt: skip
+        rows = [line.split() for line in text.splitlines()[1:3]]
+        assert sum(int(row[6]) for row in rows) == after[0], text
     finally:
         for sipp in sipps:
             sipp.stop()
         if server is not None:
             server.stop()
-        assert relay.stop() == 0, relay.log.read_text()[-4000:]
+
+
+def test_kx_media_timeout_holds_with_a_remote_relay_started_with_another(
+    tmp_path: Path, standalone: StandaloneRelay, carrier: Carrier
+) -> None:
+    """``kx-sipd serve --relay ... --media-timeout 2`` against a relay started with
+    the default 60 s: a call without RTP is ended after 2 s, BYE on both legs,
+    recorded "media timeout" (each allocation carries kx-sipd's timeout)."""
+    db = make_database(tmp_path, carrier.port)
+    server = start_server(tmp_path, db, relay=standalone, media_timeout=MEDIA_TIMEOUT)
+    try:
+        with answered_call(server, carrier) as call:
+            answered = time.monotonic()
+            bye = call.client.wait_bye(wait=MEDIA_TIMEOUT + 10)
+            ended_after = time.monotonic() - answered
+            assert bye.call_id == call.call_id
+            carrier.wait(call.digits, lambda c: c.bye is not None, wait=SIP_WAIT)
+            assert ended_after >= MEDIA_TIMEOUT - 0.2, ended_after
+            record = server.record(call.call_id, media=True)
+        assert record["ended_by"] == "media-timeout", record
+        assert record["reason"] == "media timeout", record
+    finally:
+        server.stop()

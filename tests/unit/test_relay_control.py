@@ -211,6 +211,10 @@ def test_stale_timestamp_is_refused(shard: Shard) -> None:
         {"op": "allocate", "call": "c", "echo": False, "a_peer": ["not-an-ip", 5]},
         {"op": "allocate", "call": "c", "echo": False, "a_peer": ["1.2.3.4", 70000]},
         {"op": "allocate", "call": 5, "echo": False},
+        {"op": "allocate", "call": "c", "echo": False, "media_timeout": 0},
+        {"op": "allocate", "call": "c", "echo": False, "media_timeout": -5},
+        {"op": "allocate", "call": "c", "echo": False, "media_timeout": "30"},
+        {"op": "allocate", "call": "c", "echo": False, "media_timeout": True},
         {"op": "list", "offset": -1},
     ],
 )
@@ -219,6 +223,25 @@ def test_bad_requests_get_an_error_reply(shard: Shard, fields: dict[str, object]
     reply = command(shard, op, **fields)
     assert reply is not None and reply["ok"] is False and reply["error"] == "bad-request"
     assert not shard.calls
+
+
+def test_a_call_times_out_after_its_own_media_timeout_when_allocate_names_one(
+    shard: Shard,
+) -> None:
+    """kx-sipd's --media-timeout travels with each allocation, so it holds with a
+    remote relay started with another one (here the relay's is 60 s)."""
+    assert shard.config.media_timeout == 60.0
+    assert command(shard, "allocate", call="short", echo=True, media_timeout=2.5)["ok"]  # type: ignore[index]
+    assert command(shard, "allocate", call="default", echo=True)["ok"]  # type: ignore[index]
+    created = shard.calls["short"][0].created
+    shard.housekeeping(created + 2.4)
+    assert command(shard, "expired")["timed_out"] == []  # type: ignore[index]
+    shard.housekeeping(created + 2.6)
+    assert command(shard, "expired")["timed_out"] == ["short"]  # type: ignore[index]
+    shard.housekeeping(created + 59.0)
+    assert command(shard, "expired")["timed_out"] == ["short"]  # type: ignore[index]
+    shard.housekeeping(created + 60.1)
+    assert command(shard, "expired")["timed_out"] == ["short", "default"]  # type: ignore[index]
 
 
 def test_unknown_op_and_unknown_call(shard: Shard) -> None:
