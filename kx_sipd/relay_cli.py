@@ -183,7 +183,12 @@ def stats(
             for s in shards
         }
     except MediaUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+        # A relay drops a command with a wrong secret without replying (and
+        # counts it as control-bad-tag), so silence has two usual causes.
+        raise click.ClickException(
+            f"{exc} (is it running there, with this --secret? A command with a wrong "
+            "secret gets no reply)"
+        ) from None
     finally:
         client.close()
     if as_json:

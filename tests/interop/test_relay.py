@@ -458,10 +458,17 @@ def test_stats_command_prints_counted_packets(
         line for line in text.output.splitlines() if line.startswith(ref[:24]) and " A " in line
     )
     assert line.split()[4] == "7"  # packets in on the A leg
+
+    def refused() -> int:
+        return sum(s["counters"].get("control-bad-tag", 0) for s in client.shard_stats())
+
+    before = refused()
     wrong = runner.invoke(
         relay_cli, ["stats", "--control", control, "--secret", "x" * 20, "--timeout", "0.1"]
     )
     assert wrong.exit_code != 0 and "does not answer" in wrong.output
+    assert "--secret" in wrong.output  # the likely cause is named
+    assert refused() == before + 4  # the first try and 3 retransmissions, each counted
     client.release(ref)
 
 
