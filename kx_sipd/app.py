@@ -14,7 +14,9 @@ driver's call records and time its store calls through a wrapper; the HTTP
 control endpoint (kx_sipd/control.py: /metrics, /healthz, /status, /bans)
 listens on ``--metrics`` or, by default, 127.0.0.1:9061 (an explicit address
 that cannot be bound stops the server; the default one only logs a warning);
-``--hep`` streams every SIP message to a HEP v3 collector (kx_sipd/trace.py).
+``--hep`` streams every SIP message to a HEP v3 collector (kx_sipd/trace.py). The
+drivers' message trace also feeds ``AnswerWatch``, which sees the 2xx answering a
+call's INVITE go out, so answers and set-up times count when they happen.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from sansio_sip import AccountStore, Address, Engine, EngineConfig, MediaRelay, 
 from . import __version__
 from .control import DEFAULT_CONTROL, STORE_PROBE_USER, ControlEndpoint
 from .logging import JsonLogger, capture_library_logs
-from .metrics import RelayMonitor, ServerMetrics
+from .metrics import AnswerWatch, RelayMonitor, ServerMetrics
 from .settings import ServerSettings, format_address
-from .trace import HepTrace
+from .trace import HepTrace, TraceTee
 
 if TYPE_CHECKING:
     from rtp_relay import LocalRelay
@@ -167,7 +169,8 @@ def _run_driver(
         "store": metrics.timed(store),
         "relay": relay,
         "log": log,
-        "trace": hep,
+        # The answer watch counts answers when they go out (records come at start and end).
+        "trace": AnswerWatch(metrics) if hep is None else TraceTee(AnswerWatch(metrics), hep),
         "on_record": metrics.observe_record,
         "started": lambda server: _started(endpoint, engine, server),
     }

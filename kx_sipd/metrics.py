@@ -9,7 +9,9 @@ Three sources, each read where it is safe to read it:
   metric families then: nothing is copied on the hot path.
 * **Call records** (the driver's ``on_record`` hook, in the loop) give attempts,
   answers and failures by route and final status, calls up per route and the
-  call set-up time (answer − start). The store wrapper ``TimedStore`` times
+  call set-up time (answer − start). Records come at a call's start and end
+  only, so ``AnswerWatch`` (the driver's message trace) counts an answer and its
+  set-up time when the 2xx to the INVITE goes out. The store wrapper ``TimedStore`` times
   every store call the driver makes (look-ups, record writes, media figures)
   and sees the media figures of each ended call (loss, jitter per leg).
 * **The relay** is asked by ``RelayMonitor`` (shard figures over the control
@@ -24,6 +26,7 @@ lists them all (a test checks the page against ``METRIC_NAMES``).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -41,6 +44,7 @@ from sansio_sip import Account, AccountStore, CallRecordData, MediaStats
 
 __all__ = [
     "METRIC_NAMES",
+    "AnswerWatch",
     "RelayMonitor",
     "RelaySample",
     "RouteFigures",
@@ -182,6 +186,14 @@ def _accepting(engine: Any) -> bool:
 
 
 @attrs.define
+class _OpenCall:
+    route: str
+    call_id: str
+    start_wall: float
+    answered: bool = False
+
+
+@attrs.define
 class RouteFigures:
     """Per-route call counts since start (for ``kx-sipd status``)."""
 
@@ -303,7 +315,8 @@ class ServerMetrics:
         self._started = time.monotonic()
         self._info = {"driver": driver, "version": version}
         self._lock = threading.Lock()
-        self._open: dict[str, str] = {}
+        self._open: dict[str, _OpenCall] = {}  # by call reference
+        self._by_call_id: dict[str, str] = {}  # the client leg's Call-ID -> call reference
         self._routes: dict[str, RouteFigures] = {}
         self._snapshot: Callable[[], Snapshot] | None = None
         self._relay: RelayMonitor | None = None
@@ -422,33 +435,56 @@ class ServerMetrics:
         route = record.route or _NO_ROUTE
         ref = record.call_ref
         with self._lock:
-            seen = ref in self._open
+            open_call = self._open.get(ref)
             figures = self._routes.get(route)
             if figures is None:
                 figures = self._routes[route] = RouteFigures()
-            if not seen:
+            if open_call is None:
                 figures.attempts += 1
                 self.attempts.labels(route).inc()
             if record.end_wall is None:
-                if not seen:
+                if open_call is None:
                     if len(self._open) >= _MAX_OPEN_CALLS:
-                        del self._open[next(iter(self._open))]
-                    self._open[ref] = route
+                        oldest = next(iter(self._open))
+                        self._by_call_id.pop(self._open.pop(oldest).call_id, None)
+                    self._open[ref] = _OpenCall(route, record.a_call_id, record.start_wall)
+                    self._by_call_id[record.a_call_id] = ref
                     figures.up += 1
                     self.calls_up.labels(route).inc()
                 return
-            if seen:
+            if open_call is not None:
                 del self._open[ref]
+                self._by_call_id.pop(open_call.call_id, None)
                 figures.up -= 1
                 self.calls_up.labels(route).dec()
+                if open_call.answered:
+                    return  # counted when the answer went out (observe_answer)
             if record.answer_wall is not None:
-                figures.answers += 1
-                self.answers.labels(route).inc()
-                self.setup.labels(route).observe(max(0.0, record.answer_wall - record.start_wall))
+                self._answered(figures, route, record.answer_wall - record.start_wall)
             else:
                 code = record.final_status or 0
                 figures.failures[code] += 1
                 self.failures.labels(route, str(code)).inc()
+
+    def observe_answer(self, call_id: str, wall: float) -> None:
+        """kx-sipd sent a 2xx to the INVITE of the call whose client leg is ``call_id``
+        (``AnswerWatch``): the answer and the set-up time count now, not when the call
+        ends, which may be hours later. Repeats (retransmissions, re-INVITEs) and
+        Call-IDs of no open call are ignored."""
+        with self._lock:
+            ref = self._by_call_id.get(call_id)
+            open_call = None if ref is None else self._open.get(ref)
+            if open_call is None or open_call.answered:
+                return
+            open_call.answered = True
+            route = open_call.route
+            figures = self._routes.setdefault(route, RouteFigures())
+            self._answered(figures, route, wall - open_call.start_wall)
+
+    def _answered(self, figures: RouteFigures, route: str, setup: float) -> None:
+        figures.answers += 1
+        self.answers.labels(route).inc()
+        self.setup.labels(route).observe(max(0.0, setup))
 
     def observe_media(self, leg: str, stats: MediaStats | None) -> None:
         if stats is None:
@@ -653,6 +689,39 @@ def _relay_families(sample: RelaySample) -> Iterator[Metric]:
             jitter.add_metric([index, "mean"], shard["jitter_ms_mean"])
             jitter.add_metric([index, "max"], shard["jitter_ms_max"])
     yield from (shard_up, calls, free, restarts, packets, octets, dropped, lost, jitter)
+
+
+_OK_HEAD = b"SIP/2.0 2"
+_INVITE_CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*\d+[ \t]+INVITE[ \t]*\r\n", re.IGNORECASE)
+_CALL_ID = re.compile(rb"\r\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+?)[ \t]*\r\n", re.IGNORECASE)
+
+
+class AnswerWatch:
+    """A driver ``MessageTrace`` that tells ``ServerMetrics`` when a call is answered.
+
+    Call records come at a call's start and end only, so without this the answers
+    and the set-up time of a call would be counted when it ends. Every message sent
+    passes here (in the loop): anything but a 2xx costs one ``startswith``; a 2xx is
+    read for its CSeq and, when it answers an INVITE, its Call-ID. Never raises."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def received(self, data: bytes, **_where: Any) -> None:
+        return None
+
+    def sent(self, data: bytes, *, wall: float, **_where: Any) -> None:
+        if not data.startswith(_OK_HEAD):
+            return
+        head = data[: data.find(b"\r\n\r\n") + 2]
+        if _INVITE_CSEQ.search(head) is None:
+            return
+        found = _CALL_ID.search(head)
+        if found is not None:
+            self._metrics.observe_answer(found.group(1).decode("utf-8", "replace"), wall)
+
+    def connection_closed(self, connection: int) -> None:
+        return None
 
 
 class TimedStore:

@@ -195,6 +195,17 @@ def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     assert _wait(lambda: value(monitored.scrape(), "kx_sipd_calls_active") >= 1)
     during = monitored.scrape()
     assert value(during, "kx_sipd_calls_up", route="echo") >= 1
+    # The echo test answers within milliseconds: answers (and set-up times) are counted
+    # while the calls are up, when the 200 goes out, not only when each call ends.
+
+    def answered_while_up() -> bool:
+        found = monitored.scrape()
+        started = delta(found, before, "kx_sipd_call_attempts_total", route="echo")
+        return value(found, "kx_sipd_calls_up", route="echo") >= 1 and started == delta(
+            found, before, "kx_sipd_call_answers_total", route="echo"
+        ) == delta(found, before, "kx_sipd_call_setup_seconds_count", route="echo")
+
+    assert _wait(answered_while_up, timeout=5)
     calls.wait(WAIT)
     calls.assert_ok()
     assert _wait(lambda: value(monitored.scrape(), "kx_sipd_calls_up", route="echo") == 0)

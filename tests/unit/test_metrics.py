@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kx_sipd.metrics import (
     METRIC_NAMES,
+    AnswerWatch,
     RelayMonitor,
     ServerMetrics,
     Snapshot,
@@ -95,6 +96,54 @@ def _snapshot(**engine: int) -> Snapshot:
         addresses=(("127.0.0.1", 5060),),
         wall=0.0,
     )
+
+
+def _answer(call_id: str, cseq: str = "2 INVITE", status: str = "200 OK") -> bytes:
+    """A 2xx as kx-sipd sends it, with an SDP body whose ``i=`` line must not be read
+    as the compact Call-ID header."""
+    body = b"v=0\r\no=- 1 1 IN IP4 192.0.2.5\r\ns=-\r\ni=not-a-call-id\r\nt=0 0\r\n"
+    return (
+        f"SIP/2.0 {status}\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1\r\n"
+        f"From: <sip:alice@sip.kx21.com>;tag=a\r\nTo: <sip:0044@sip.kx21.com>;tag=b\r\n"
+        f"{call_id}\r\nCSeq: {cseq}\r\nContent-Type: application/sdp\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_an_answer_counts_when_it_goes_out_not_when_the_call_ends() -> None:
+    """Records come at a call's start and end; AnswerWatch, the driver's message trace,
+    sees the 2xx to the INVITE go out and counts the answer and its set-up time then."""
+    metrics = ServerMetrics()
+    watch = AnswerWatch(metrics)
+    metrics.observe_record(record("c1"))  # a_call_id c1@client, started at 1000.0
+    metrics.observe_record(record("c2"))
+    where = {"destination": ("192.0.2.1", 5060), "local": ("192.0.2.5", 5060), "wall": 1001.25}
+    watch.received(_answer("Call-ID: c1@client"), source=("192.0.2.1", 5060), wall=1.0)
+    watch.sent(_answer("Call-ID: c1@client", "3 REGISTER"), **where)  # not an INVITE's
+    watch.sent(_answer("Call-ID: c1@client", status="100 Trying"), **where)
+    watch.sent(_answer("Call-ID: elsewhere@client"), **where)  # no such open call
+    assert value(samples(metrics), "kx_sipd_call_answers_total", route="carrier") == 0
+    watch.sent(_answer("i:  c1@client "), **where)  # compact form, spaces around
+    watch.sent(_answer("CALL-ID: c1@client"), **{**where, "wall": 1009.0})  # retransmission
+    found = samples(metrics)
+    assert value(found, "kx_sipd_call_answers_total", route="carrier") == 1
+    assert value(found, "kx_sipd_call_setup_seconds_sum", route="carrier") == 1.25
+    assert value(found, "kx_sipd_calls_up", route="carrier") == 2
+    assert metrics.routes()["carrier"].answers == 1
+    # The call's end does not count it again; a call the watch did not see answered
+    # (a driver without the trace) is counted from its final record as before.
+    metrics.observe_record(record("c1", answer_wall=1001.2, end_wall=1500.0, final_status=200))
+    metrics.observe_record(record("c2", answer_wall=1003.0, end_wall=1500.0, final_status=200))
+    found = samples(metrics)
+    assert value(found, "kx_sipd_call_answers_total", route="carrier") == 2
+    assert value(found, "kx_sipd_call_setup_seconds_count", route="carrier") == 2
+    assert value(found, "kx_sipd_call_setup_seconds_sum", route="carrier") == 4.25
+    # Ended calls are forgotten: a late retransmission of the 200 counts nothing.
+    watch.sent(_answer("Call-ID: c1@client"), **where)
+    assert value(samples(metrics), "kx_sipd_call_answers_total", route="carrier") == 2
+    watch.sent(b"\r\n\r\n", **where)  # a keep-alive
+    watch.sent(b"SIP/2.0 200 OK", **where)  # no head end: nothing to read
+    watch.connection_closed(3)
 
 
 def test_engine_counters_become_labelled_families() -> None:
