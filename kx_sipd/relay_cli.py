@@ -231,11 +231,12 @@ def stats(
                     continue
                 rtp = side["rtp"]
                 peer = f"{rtp['peer'][0]}:{rtp['peer'][1]}" if rtp["peer"] else "-"
+                idle = rtp.get("idle")  # this leg's own last packet; None: nothing yet
                 ports = f"{entry['a_port']}/{entry['b_port']}"
                 flag = " TIMED-OUT" if entry["timed_out"] else ""
                 click.echo(
                     f"{entry['call'][:24]:<24} {index:>5} {ports:>11} {leg.upper():>3} "
                     f"{rtp['packets_in']:>8} {rtp['packets_out']:>8} {rtp['packets_lost']:>6} "
-                    f"{rtp['jitter_ms']:>9} {rtp['dropped_foreign']:>7} {entry['idle']:>7} "
+                    f"{rtp['jitter_ms']:>9} {rtp['dropped_foreign']:>7} {'-' if idle is None else idle:>7} "
                     f"{peer:<22}{flag}"
                 )

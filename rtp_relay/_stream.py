@@ -244,9 +244,11 @@ class Stream:
             jitter_ms=round(self.jitter_ms, 3),
         )
 
-    def figures(self) -> dict[str, object]:
-        """Everything about the stream, for the stats command."""
+    def figures(self, *, now: float) -> dict[str, object]:
+        """Everything about the stream, for the stats command; ``idle`` is the
+        time since its last accepted packet (None before the first)."""
         return {
+            "idle": round(now - self.last_in, 3) if self.packets_in else None,
             "peer": list(self.peer[:2]) if self.peer else None,
             "expected": list(self.expected) if self.expected else None,
             "packets_in": self.packets_in,
@@ -364,8 +366,8 @@ class CallMedia:
             "age": round(now - self.created, 3),
             "idle": round(now - self.last_media(), 3),
             "timed_out": self.timed_out is not None,
-            "a": {"rtp": self.a_rtp.figures(), "rtcp": self.a_rtcp.figures()},
+            "a": {"rtp": self.a_rtp.figures(now=now), "rtcp": self.a_rtcp.figures(now=now)},
             "b": None
             if self.echo
-            else {"rtp": self.b_rtp.figures(), "rtcp": self.b_rtcp.figures()},
+            else {"rtp": self.b_rtp.figures(now=now), "rtcp": self.b_rtcp.figures(now=now)},
         }

@@ -459,6 +459,8 @@ def test_stats_command_prints_counted_packets(
         and calls[0]["a"]["rtp"]["packets_in"] == 7
         and calls[0]["b"]["rtp"]["packets_out"] == 7
     )
+    # Each stream's last-packet time, as seconds since: the carrier sent nothing.
+    assert 0 <= calls[0]["a"]["rtp"]["idle"] < 30 and calls[0]["b"]["rtp"]["idle"] is None
     assert len([r for r in records if "shard" in r]) == 2
     text = runner.invoke(relay_cli, ["stats", "--control", control, "--secret", SECRET_TEXT])
     assert text.exit_code == 0
@@ -466,6 +468,10 @@ def test_stats_command_prints_counted_packets(
         line for line in text.output.splitlines() if line.startswith(ref[:24]) and " A " in line
     )
     assert line.split()[4] == "7"  # packets in on the A leg
+    b_line = next(
+        line for line in text.output.splitlines() if line.startswith(ref[:24]) and " B " in line
+    )
+    assert b_line.split()[9] == "-"  # idle_s: the B leg has received nothing
 
     def refused() -> int:
         return sum(s["counters"].get("control-bad-tag", 0) for s in client.shard_stats())

@@ -135,6 +135,19 @@ def test_sdp_change_clears_the_latch() -> None:
     assert c.a_rtp.peer == A_NAT
 
 
+def test_figures_give_each_streams_last_packet_time() -> None:
+    c = call()
+    c.set_peers(None, CARRIER)
+    feed(c.a_rtp, rtp(1), A_SRC, 10.0)
+    feed(c.b_rtp, rtp(1), CARRIER, 12.5)
+    feed(c.a_rtp, rtp(2), ATTACKER, 14.0)  # foreign: not a packet of the stream
+    figures = c.figures(now=15.0)
+    assert figures["a"]["rtp"]["idle"] == 5.0  # type: ignore[index]
+    assert figures["b"]["rtp"]["idle"] == 2.5  # type: ignore[index]
+    assert figures["a"]["rtcp"]["idle"] is None  # type: ignore[index]
+    assert figures["idle"] == 2.5  # the call: the latest of either direction
+
+
 def test_malformed_packets_dropped_and_counted() -> None:
     s = call().a_rtp
     assert s.receive(b"\x80\x00\x00", 3, A_SRC, 0.0) is None
