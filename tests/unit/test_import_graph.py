@@ -3,7 +3,12 @@
 * sansio_sip is pure: nothing in it imports a socket, an event loop, a thread,
   the clock, randomness, the file system, a subprocess or the application's
   libraries, at module level or inside a function, statically or through
-  ``__import__``/``importlib``. It imports only the standard library and attrs.
+  ``__import__``/``importlib``/``builtins``/``sys.modules``/``exec``. It
+  imports only the standard library and attrs.
+* Nor does it reach them through the standard library: the stdlib modules it
+  imports are loaded in a fresh interpreter, one by one, and none may load a
+  forbidden module that attrs does not load already (the one exception is
+  listed, with why, in ``KNOWN_TRANSITIVE``).
 * The drivers (io_anyio, io_socket) import neither each other, nor the
   application (kx_sipd), nor the relay: they are handed those as objects.
 * rtp_relay runs without either driver and without the application.
@@ -17,10 +22,15 @@ forbidden import cannot hide behind a failing import or a lazy branch.
 from __future__ import annotations
 
 import ast
+import importlib.util
+import json
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +67,21 @@ FORBIDDEN_IN_CORE = frozenset(
         "shutil",
         "pathlib",
         "importlib",
+        "builtins",
+        "pkgutil",
+        "runpy",
+        "imp",
+        "zipimport",
+        "ctypes",
+        "mmap",
+        "fcntl",
+        "faulthandler",
+        "_socket",
+        "_thread",
+        "_asyncio",
+        "_random",
+        "_posixsubprocess",
+        "posix",
         "uvloop",
         "prometheus_client",
         # the other packages of this repository (dependencies point one way)
@@ -69,18 +94,27 @@ FORBIDDEN_IN_CORE = frozenset(
 CORE_THIRD_PARTY = frozenset({"attrs", "attr"})
 
 
-def python_files(package: str) -> list[Path]:
-    files = sorted((ROOT / package).rglob("*.py"))
+# Names that import, or run code that may import, without an import statement.
+DYNAMIC_IMPORTERS = frozenset({"__import__", "exec", "eval", "compile", "__builtins__"})
+
+
+def python_files(package: str, root: Path = ROOT) -> list[Path]:
+    files = sorted((root / package).rglob("*.py"))
     assert files, f"no Python files under {package}/"
     return files
 
 
-def imported_modules(source: str, *, package: str, module_path: Path) -> Iterator[tuple[int, str]]:
+def imported_modules(
+    source: str, *, package: str, module_path: Path, root: Path = ROOT
+) -> Iterator[tuple[int, str]]:
     """(line, absolute module name) for every import in ``source``, wherever it
     is (module level, function, class, try/except, TYPE_CHECKING), plus string
-    arguments of ``__import__(...)`` and ``importlib.import_module(...)``."""
+    arguments of ``__import__(...)`` and ``importlib.import_module(...)``; any
+    other way to import (``__import__`` not called with a constant, ``exec``,
+    ``eval``, ``compile``, ``__builtins__``, ``sys.modules``) is reported as
+    ``<dynamic import ...>``."""
     tree = ast.parse(source, filename=str(module_path))
-    relative_parts = module_path.relative_to(ROOT / package).with_suffix("").parts
+    relative_parts = module_path.relative_to(root / package).with_suffix("").parts
     here = [package, *relative_parts[:-1]]  # the package holding this module (or __init__)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -106,6 +140,23 @@ def imported_modules(source: str, *, package: str, module_path: Path) -> Iterato
             name = _dynamic_import_target(node)
             if name is not None:
                 yield node.lineno, name
+            elif isinstance(node.func, ast.Name) and node.func.id in DYNAMIC_IMPORTERS:
+                yield node.lineno, f"<dynamic import through {node.func.id}()>"
+        elif isinstance(node, ast.Name) and node.id in DYNAMIC_IMPORTERS:
+            if not _is_called(tree, node):
+                yield node.lineno, f"<dynamic import through {node.id}>"
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "modules"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "sys"
+        ):
+            yield node.lineno, "<dynamic import through sys.modules>"
+
+
+def _is_called(tree: ast.AST, name: ast.Name) -> bool:
+    """Whether ``name`` is the function of a call (reported with the call itself)."""
+    return any(isinstance(node, ast.Call) and node.func is name for node in ast.walk(tree))
 
 
 def _dynamic_import_target(node: ast.Call) -> str | None:
@@ -123,22 +174,27 @@ def top(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def imports_of(package: str) -> list[tuple[str, int, str]]:
-    """(file relative to the repo, line, module) for every import in ``package``."""
+def imports_of(package: str, root: Path = ROOT) -> list[tuple[str, int, str]]:
+    """(file relative to ``root``, line, module) for every import in ``package``."""
     found = []
-    for path in python_files(package):
+    for path in python_files(package, root):
         source = path.read_text(encoding="utf-8")
-        for line, name in imported_modules(source, package=package, module_path=path):
-            found.append((str(path.relative_to(ROOT)), line, name))
+        for line, name in imported_modules(source, package=package, module_path=path, root=root):
+            found.append((str(path.relative_to(root)), line, name))
     return found
 
 
-def test_the_core_imports_nothing_that_does_io() -> None:
-    offences = [
+def core_offences(root: Path = ROOT) -> list[str]:
+    """Every forbidden import in ``root``/sansio_sip, as "file:line: imports name"."""
+    return [
         f"{file}:{line}: imports {name}"
-        for file, line, name in imports_of("sansio_sip")
+        for file, line, name in imports_of("sansio_sip", root)
         if top(name) in FORBIDDEN_IN_CORE or name.startswith("<")
     ]
+
+
+def test_the_core_imports_nothing_that_does_io() -> None:
+    offences = core_offences()
     assert not offences, "sansio_sip must stay pure (DESIGN.md §2):\n" + "\n".join(offences)
 
 
@@ -150,6 +206,111 @@ def test_the_core_imports_only_the_standard_library_and_attrs() -> None:
         if top(name) not in allowed
     ]
     assert not offences, "sansio_sip may import only stdlib and attrs:\n" + "\n".join(offences)
+
+
+# -- what the core's standard-library imports load in turn -----------------------
+
+# The issue's list and the rest of the I/O surface, as loaded modules. ``time`` is
+# loaded by the interpreter itself before any import (a built-in module), so only
+# the direct check above can see it; attrs loads ``os`` and ``threading`` itself.
+TRANSITIVE_FORBIDDEN = frozenset(
+    {
+        "socket",
+        "_socket",
+        "select",
+        "selectors",
+        "asyncio",
+        "anyio",
+        "trio",
+        "threading",
+        "_thread",
+        "random",
+        "subprocess",
+        "signal",
+        "ssl",
+        "sqlite3",
+        "multiprocessing",
+        "concurrent",
+        "urllib.request",
+        "http.client",
+    }
+)
+
+KNOWN_TRANSITIVE = {
+    # sansio_sip/_engine.py formats the Date header with email.utils.formatdate, and
+    # email.utils imports socket (for make_msgid's host name; socket brings select
+    # and selectors) and random. None of them is called by formatdate. Asked of the
+    # engine's owner (/work/brief/requests-socket.md): format the date without
+    # email.utils; then this entry must go (the test below says so).
+    "email.utils": frozenset({"random", "select", "selectors", "socket", "_socket"}),
+}
+
+
+def stdlib_imports_of_core(root: Path = ROOT) -> list[str]:
+    """The standard-library modules sansio_sip imports (``from a import b``: a, and
+    a.b when that is a module)."""
+    names = set()
+    for _file, _line, name in imports_of("sansio_sip", root):
+        if top(name) in sys.stdlib_module_names and not name.startswith("<"):
+            try:
+                if importlib.util.find_spec(name) is not None:
+                    names.add(name)
+            except (ImportError, ValueError):  # "a.b" where b is a function, not a module
+                pass
+    return sorted(names)
+
+
+_LOADED = """
+import json, sys
+sys.path[:0] = {path!r}
+import attrs
+before = set(sys.modules)
+__import__({module!r})
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def forbidden_loaded_by(modules: list[str]) -> dict[str, set[str]]:
+    """For each module: the forbidden modules importing it loads, in a fresh
+    interpreter (no site, no environment) that has imported attrs already."""
+    path = [str(ROOT), str(Path(attrs.__file__).resolve().parents[1])]
+    running = {
+        module: subprocess.Popen(
+            [sys.executable, "-S", "-E", "-c", _LOADED.format(path=path, module=module)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in modules
+    }
+    found = {}
+    for module, process in running.items():
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, f"importing {module}: {err}"
+        loaded = set(json.loads(out))
+        # Named as listed: "asyncio" for asyncio.events, "urllib.request" as it is.
+        flagged = {top(name) if top(name) in TRANSITIVE_FORBIDDEN else name for name in loaded}
+        flagged &= TRANSITIVE_FORBIDDEN
+        if flagged:
+            found[module] = flagged
+    return found
+
+
+def test_the_cores_standard_library_imports_load_nothing_that_does_io() -> None:
+    modules = stdlib_imports_of_core()
+    assert "hashlib" in modules and "re" in modules, modules  # the list is really read
+    found = forbidden_loaded_by(modules)
+    unexpected = {
+        module: sorted(names - KNOWN_TRANSITIVE.get(module, frozenset()))
+        for module, names in found.items()
+        if names - KNOWN_TRANSITIVE.get(module, frozenset())
+    }
+    assert not unexpected, (
+        "a standard-library module sansio_sip imports loads I/O modules:\n"
+        + "\n".join(f"{module}: {names}" for module, names in sorted(unexpected.items()))
+    )
+    stale = sorted(set(KNOWN_TRANSITIVE) - set(found))
+    assert not stale, f"KNOWN_TRANSITIVE lists {stale}, which the core no longer loads: drop it"
 
 
 @pytest.mark.parametrize(
@@ -222,3 +383,75 @@ def test_the_checker_resolves_relative_imports_in_subpackages() -> None:
         name for _line, name in imported_modules(source, package="sansio_sip", module_path=path)
     ]
     assert found == ["sansio_sip._engine", "<relative import above the package>"]
+
+
+def test_the_transitive_check_sees_socket_behind_a_harmless_looking_module() -> None:
+    # smtplib imports socket; email.utils (the known case) too.
+    found = forbidden_loaded_by(["smtplib", "email.utils", "hashlib"])
+    assert "socket" in found["smtplib"]
+    assert found["email.utils"] == set(KNOWN_TRANSITIVE["email.utils"])
+    assert "hashlib" not in found
+
+
+# -- a synthetic core with a forbidden import added: the checks must fail ---------
+
+
+ADDED = {
+    "import socket": "socket",
+    "from time import monotonic": "time",
+    "import asyncio.events": "asyncio.events",
+    "def later():\n    import threading\n": "threading",
+    "import random as chance": "random",
+    "from selectors import DefaultSelector": "selectors",
+    "x = __import__('anyio')": "anyio",
+    "import importlib\nx = importlib.import_module('trio')": "trio",
+    "name = 'so' + 'cket'\nx = __import__(name)": "<dynamic import of a computed name>",
+    "load = __import__\nx = load('socket')": "<dynamic import through __import__>",
+    "import builtins\nx = builtins.__import__('socket')": "builtins",
+    "import sys\nx = sys.modules['socket']": "<dynamic import through sys.modules>",
+    "exec('import socket')": "<dynamic import through exec()>",
+    "x = eval('1')": "<dynamic import through eval()>",
+    "x = __builtins__": "<dynamic import through __builtins__>",
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of sansio_sip (clean, as checked below) to add a module to."""
+    root = tmp_path_factory.mktemp("synthetic")
+    shutil.copytree(
+        ROOT / "sansio_sip", root / "sansio_sip", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return root
+
+
+def test_the_synthetic_copy_of_the_core_is_clean(synthetic_root: Path) -> None:
+    assert core_offences(synthetic_root) == []
+
+
+@pytest.mark.parametrize("source", sorted(ADDED))
+def test_a_forbidden_import_added_to_the_core_fails_the_check(
+    synthetic_root: Path, source: str
+) -> None:
+    added = synthetic_root / "sansio_sip" / "_added.py"
+    added.write_text(f'"""Added by the test."""\n\n{source}\n', encoding="utf-8")
+    try:
+        offences = core_offences(synthetic_root)
+    finally:
+        added.unlink()
+    assert offences, source
+    assert all(offence.startswith("sansio_sip/_added.py:") for offence in offences), offences
+    assert any(offence.endswith(f"imports {ADDED[source]}") for offence in offences), offences
+
+
+def test_a_stdlib_module_that_loads_socket_added_to_the_core_fails_the_check(
+    synthetic_root: Path,
+) -> None:
+    added = synthetic_root / "sansio_sip" / "_added.py"
+    added.write_text('"""Added by the test."""\n\nimport smtplib\n', encoding="utf-8")
+    try:
+        modules = stdlib_imports_of_core(synthetic_root)
+    finally:
+        added.unlink()
+    assert "smtplib" in modules
+    assert "socket" in forbidden_loaded_by(modules)["smtplib"]
