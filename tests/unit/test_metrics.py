@@ -18,7 +18,7 @@ from kx_sipd.metrics import (
     ServerMetrics,
     Snapshot,
 )
-from sansio_sip import Account, CallRecordData, MediaStats, StoreUnavailable
+from sansio_sip import Account, CallRecordData, MediaStats, StoreUnavailable, Transport
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
@@ -117,13 +117,25 @@ def test_an_answer_counts_when_it_goes_out_not_when_the_call_ends() -> None:
     watch = AnswerWatch(metrics)
     metrics.observe_record(record("c1"))  # a_call_id c1@client, started at 1000.0
     metrics.observe_record(record("c2"))
-    where = {"destination": ("192.0.2.1", 5060), "local": ("192.0.2.5", 5060), "wall": 1001.25}
-    watch.received(_answer("Call-ID: c1@client"), source=("192.0.2.1", 5060), wall=1.0)
+    where: dict[str, Any] = {
+        "destination": ("192.0.2.1", 5060),
+        "local": ("192.0.2.5", 5060),
+        "transport": Transport.UDP,
+        "wall": 1001.25,
+    }
+    watch.received(
+        _answer("Call-ID: c1@client"),
+        source=("192.0.2.1", 5060),
+        local=("192.0.2.5", 5060),
+        transport=Transport.UDP,
+        connection=None,
+        wall=1.0,
+    )
     watch.sent(_answer("Call-ID: c1@client", "3 REGISTER"), **where)  # not an INVITE's
     watch.sent(_answer("Call-ID: c1@client", status="100 Trying"), **where)
     watch.sent(_answer("Call-ID: elsewhere@client"), **where)  # no such open call
     assert value(samples(metrics), "kx_sipd_call_answers_total", route="carrier") == 0
-    watch.sent(_answer("i:  c1@client "), **where)  # compact form, spaces around
+    watch.sent(_answer("i:  c1@client ", "2\tINVITE"), **where)  # compact, odd spacing
     watch.sent(_answer("CALL-ID: c1@client"), **{**where, "wall": 1009.0})  # retransmission
     found = samples(metrics)
     assert value(found, "kx_sipd_call_answers_total", route="carrier") == 1
