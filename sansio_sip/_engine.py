@@ -21,7 +21,6 @@ and ``media_allocated`` / ``media_failed``.
 
 from __future__ import annotations
 
-import email.utils
 import heapq
 from collections import Counter
 from collections.abc import Sequence
@@ -1073,7 +1072,7 @@ class Engine:
         second = int(wall)
         if second != self._date_second:
             self._date_second = second
-            self._date_text = email.utils.formatdate(second, usegmt=True)
+            self._date_text = _format_sip_date(second)
         return self._date_text
 
     def _uri_kind(self, text: str) -> type[SipUri | TelUri | AbsoluteUri]:
@@ -1153,3 +1152,35 @@ def _int_or_none(value: str | None) -> int | None:
         return None
     # RFC 3261 §20.19: anything above 2**32-1 is treated as that (and then capped).
     return min(int(value), 2**32 - 1)
+
+
+_WEEKDAYS = ("Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed")
+"""Day names from 1970-01-01, a Thursday."""
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _format_sip_date(second: int) -> str:
+    """``second`` (seconds since 1970-01-01 UTC) as a SIP-date, RFC 3261 §20.17
+    (the rfc1123-date of RFC 2616 §3.3.1: ``Thu, 26 Nov 2026 19:06:58 GMT``).
+
+    Calendar arithmetic on whole days (the proleptic Gregorian civil-from-days
+    conversion), so the core needs neither ``time`` nor ``email.utils``, which
+    would load ``socket`` and ``random`` into it."""
+    days, rest = divmod(second, 86400)
+    hour, rest = divmod(rest, 3600)
+    minute, sec = divmod(rest, 60)
+    # Count from 0000-03-01 so that the leap day ends each 4/100/400-year cycle.
+    shifted = days + 719468
+    era, day_of_era = divmod(shifted, 146097)
+    year_of_era = (
+        day_of_era - day_of_era // 1460 + day_of_era // 36524 - day_of_era // 146096
+    ) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    month_index = (5 * day_of_year + 2) // 153  # 0 = March
+    day = day_of_year - (153 * month_index + 2) // 5 + 1
+    month = month_index + 3 if month_index < 10 else month_index - 9
+    year = era * 400 + year_of_era + (month <= 2)
+    return (
+        f"{_WEEKDAYS[days % 7]}, {day:02d} {_MONTHS[month - 1]} {year:04d} "
+        f"{hour:02d}:{minute:02d}:{sec:02d} GMT"
+    )
