@@ -325,3 +325,60 @@ def test_trace_tee_calls_every_trace_and_reraises_the_first_failure() -> None:
         ("first", "closed"),
         ("second", "closed"),
     ]
+
+
+def _chunks(data: bytes) -> dict[int, bytes]:
+    """HEP v3 read here from the format's description, not with decode_hep: "HEP3", the
+    total length (16 bits, network order), then chunks of vendor id (16 bits), type
+    (16 bits), length including these 6 bytes (16 bits) and the value."""
+    assert data[:4] == b"HEP3" and struct.unpack("!H", data[4:6])[0] == len(data)
+    chunks: dict[int, bytes] = {}
+    offset = 6
+    while offset < len(data):
+        vendor, kind, length = struct.unpack("!HHH", data[offset : offset + 6])
+        assert vendor == 0 and length >= 6 and kind not in chunks, (vendor, kind, length)
+        chunks[kind] = data[offset + 6 : offset + length]
+        offset += length
+    assert offset == len(data)
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "family", "width"),
+    [
+        (("192.0.2.1", 5060), ("198.51.100.2", 40000), 2, 4),
+        (("2001:db8::1", 5060), ("2001:db8::2", 5070), 10, 16),
+    ],
+)
+def test_hep_chunks_are_the_generic_ones_with_their_widths(
+    source: tuple[str, int], destination: tuple[str, int], family: int, width: int
+) -> None:
+    """What Homer's and sngrep's decoders read: IP family (1 byte), protocol (1),
+    addresses (4 or 16, types 3/4 for IPv4, 5/6 for IPv6), ports (2 each), seconds and
+    microseconds (4 each), protocol type 1 = SIP (1), capture agent id (4), payload."""
+    message = b"BYE sip:x SIP/2.0\r\nCall-ID: hep-vector\r\n\r\n"
+    chunks = _chunks(
+        encode_hep(
+            message,
+            source=source,
+            destination=destination,
+            transport=Transport.UDP,
+            wall=1_700_000_123.000045,
+            agent_id=0x01020304,
+        )
+    )
+    first = 3 if width == 4 else 5
+    assert sorted(chunks) == sorted({1, 2, first, first + 1, 7, 8, 9, 10, 11, 12, 15})
+    assert chunks[1] == bytes([family]) and chunks[2] == bytes([17]) and chunks[11] == b"\x01"
+    assert chunks[first] == socket.inet_pton(
+        socket.AF_INET if width == 4 else socket.AF_INET6, source[0]
+    )
+    assert chunks[first + 1] == socket.inet_pton(
+        socket.AF_INET if width == 4 else socket.AF_INET6, destination[0]
+    )
+    assert chunks[7] == struct.pack("!H", source[1]) and chunks[8] == struct.pack(
+        "!H", destination[1]
+    )
+    assert chunks[9] == struct.pack("!I", 1_700_000_123) and chunks[10] == struct.pack("!I", 45)
+    assert chunks[12] == b"\x01\x02\x03\x04"
+    assert chunks[15] == message
