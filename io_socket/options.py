@@ -1,11 +1,13 @@
 """What the blocking driver needs to know besides the engine: where to listen and
 the bounds it keeps (STYLE.md §10: every queue bounded, every wait under a deadline).
 
-io_anyio/options.py declares the same fields, so one set of settings drives
-either driver; the drivers do not import each other (DESIGN.md §1). Fields that
-only the AnyIO driver uses (``input_queue``, ``worker_threads``, ``store_inline``,
-``inline_budget``, ``inline_strikes``, ``inline_cooldown``: here every store call is inline) are accepted
-here and ignored, so that a settings mapping fits both.
+io_anyio/options.py declares the same fields (this one adds ``tcp_send_buffer``),
+so one set of settings drives either driver; the drivers do not import each other (DESIGN.md §1). Fields that
+only the AnyIO driver uses (``input_queue``, ``tcp_send_queue``, ``worker_threads``,
+``store_inline``, ``inline_budget``, ``inline_strikes``, ``inline_cooldown``,
+``relay_timeout``: here every store and relay call is inline, and a connection's
+unsent bytes are bounded by ``tcp_send_buffer``) are accepted here and ignored,
+so that a settings mapping fits both.
 
 Defaults and their reasoning (as in io_anyio):
 
@@ -17,7 +19,9 @@ Defaults and their reasoning (as in io_anyio):
 * ``store_timeout`` and ``relay_timeout``: this driver calls the store and the
   relay inline, so it cannot abandon a slow call; the store's own busy timeout
   (200 ms for SQLite) and the relay client's retries (3 x 0.5 s) are what bound
-  them. ``store_timeout`` is still the retry back-off base for failed writes.
+  them. An account look-up that took longer than ``store_timeout`` is answered
+  as unavailable (503), the answer io_anyio gives at that deadline.
+  ``relay_timeout`` is not used here.
 * ``tcp_idle_timeout`` = 3,600 s, ``max_tcp_connections`` = 4,096,
   ``max_tcp_per_ip`` = 64, ``grace_period`` = 30 s, ``drain_period`` = 5 s:
   see io_anyio/options.py.

@@ -19,7 +19,9 @@ The trade-off: the account store and the relay are called inline, so while
 one of them works nothing else does. SQLite answers a cached account look-up
 in microseconds and a record write in about a millisecond, and the relay
 answers from loopback in well under one; their own deadlines (SQLite's busy
-timeout, the relay client's retries) bound the worst case. A host that needs
+timeout, the relay client's retries) bound the worst case. A look-up that took
+longer than ``store_timeout`` is answered 503 all the same, as io_anyio answers
+one it abandons at that deadline. A host that needs
 the loop to stay responsive whatever the store does runs io_anyio, which calls
 them in worker threads under a deadline. A failed record write does not block
 the loop either way: it and the actions after it wait in a retry list.
@@ -816,9 +818,16 @@ class Server:
         self._pending.append(_Input(feed, "transport_failed"))
 
     def _lookup_account(self, action: LookupAccount) -> None:
+        """Ask the store inline. A look-up that outlasted ``store_timeout`` is answered
+        as unavailable (503), as io_anyio answers one it abandons at the deadline: the
+        same answer from both drivers, only later here (nothing can cut a call short)."""
         engine = self._engine
+        start = time.monotonic()
         try:
             account = self._store.get_account(action.username)
+            took = time.monotonic() - start
+            if took > self._options.store_timeout:
+                raise TimeoutError(f"took {took:.3f} s, over store_timeout")
         except Exception as exc:
             self._backend_failed("store", "get_account", exc)
             self._pending.append(

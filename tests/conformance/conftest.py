@@ -151,10 +151,15 @@ def _split_params(text: str) -> list[str]:
 class SipClient:
     """One client socket (UDP, or one TCP connection) toward the server."""
 
-    def __init__(self, server: Address, transport: str = "udp") -> None:
+    def __init__(
+        self, server: Address, transport: str = "udp", *, sock: socket.socket | None = None
+    ) -> None:
+        """A new socket, or ``sock`` (a TCP connection the test opened its own way)."""
         self.server = server
         self.transport = transport
-        if transport == "udp":
+        if sock is not None:
+            self.sock = sock
+        elif transport == "udp":
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.bind(("127.0.0.1", 0))
         else:

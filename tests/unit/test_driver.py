@@ -236,6 +236,18 @@ def test_slow_store_past_its_deadline_is_unavailable_and_loop_keeps_serving(driv
         assert client.recv(100) == b"UNAVAILABLE"
 
 
+def test_inline_lookup_past_its_deadline_is_unavailable_on_the_socket_driver() -> None:
+    """Driver-specific: io_socket cannot abandon an inline look-up (no threads), so it
+    gives the answer io_anyio gives at the deadline (above) once the look-up returns."""
+    with running("socket", store_timeout=0.2) as run, udp_client(run) as client:
+        run.store.delay = 0.4
+        assert ask(client, b"LOOKUP alice") == b"UNAVAILABLE"
+        (failed,) = run.events("store.failed")
+        assert "store_timeout" in str(failed.as_dict()["error"])
+        run.store.delay = 0.0
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+
+
 def test_slow_inline_lookup_sends_later_ones_to_worker_threads(driver: str) -> None:
     if driver == "socket":
         pytest.skip("io_socket calls the store inline by design (io_socket/server.py)")
