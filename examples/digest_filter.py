@@ -12,20 +12,34 @@ As a command, it checks a captured request against a password:
 
     python3 examples/digest_filter.py REQUEST_FILE USERNAME PASSWORD [REALM]
 
-and prints the verdict (without a nonce secret, the nonce is not checked).
+and prints the verdict (without a nonce secret, the nonce is not checked). Or it
+stands in front of a SIP service on UDP, for one account:
+
+    python3 examples/digest_filter.py --serve HOST:PORT UPSTREAM_HOST:PORT USERNAME PASSWORD [REALM]
+
+answering 401/403/488/400 itself, forwarding what passes (offer cut to G.711) to
+the upstream and the upstream's answers back (it prints "listening on HOST:PORT";
+port 0 picks a free one). A toy proxy: no Via of its own, so the upstream must
+answer to the source address (rport, RFC 3581), and answers go back by Call-ID.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import sansio_sip as sip
 
-USAGE = "usage: digest_filter.py REQUEST_FILE USERNAME PASSWORD [REALM]"
+USAGE = (
+    "usage: digest_filter.py REQUEST_FILE USERNAME PASSWORD [REALM]\n"
+    "       digest_filter.py --serve HOST:PORT UPSTREAM_HOST:PORT USERNAME PASSWORD [REALM]"
+)
 Headers = Iterable[tuple[str, str]]
 
 
@@ -35,6 +49,7 @@ class Verdict:
     reason: str
     answer: bytes = b""  # the response to send back (empty when passed, or unanswerable)
     body: bytes = b""  # the request's body to forward (an offer cut down to G.711)
+    forward: bytes = b""  # the request to pass on, with that body (empty unless passed)
 
 
 def g711_only(body: bytes) -> bytes:
@@ -81,9 +96,11 @@ class DigestFilter:
             credentials, ha1=ha1, method=request.method, realm=self.realm, body=request.body
         ):
             return self._answer(request, 403, "Bad credentials")
-        if request.content_type == "application/sdp" and request.body:
-            return Verdict(200, "OK", body=g711_only(request.body))
-        return Verdict(200, "OK", body=request.body)
+        body = request.body
+        if request.content_type == "application/sdp" and body:
+            body = g711_only(body)
+        forward = bytes(sip.Request(request.method, request.uri, request.headers, body))
+        return Verdict(200, "OK", body=body, forward=forward)
 
     def _challenge(self, request: sip.Request, *, wall: float, stale: bool) -> Verdict:
         if self.nonces is None:
@@ -100,7 +117,45 @@ class DigestFilter:
         return Verdict(status, reason, answer=bytes(response))
 
 
+def serve(sock: socket.socket, upstream: tuple[str, int], filter_: DigestFilter) -> NoReturn:
+    """The front door: one datagram at a time, until the process is stopped."""
+    clients: OrderedDict[str, tuple[str, int]] = OrderedDict()  # Call-ID -> who asked
+    while True:
+        data, source = sock.recvfrom(65535)
+        if source[:2] == upstream:  # an answer from upstream: back to whoever asked
+            try:
+                client = clients.get(sip.parse_message(data).call_id)
+            except sip.ParseError:
+                continue
+            if client is not None:
+                sock.sendto(data, client)
+            continue
+        verdict = filter_.check(data, wall=time.time())
+        if verdict.forward:
+            call_id = sip.parse_message(verdict.forward).call_id
+            clients[call_id] = source[:2]
+            clients.move_to_end(call_id)
+            if len(clients) > 10_000:  # bounded: the oldest calls are forgotten
+                clients.popitem(last=False)
+            sock.sendto(verdict.forward, upstream)
+        elif verdict.answer:
+            sock.sendto(verdict.answer, source)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--serve"] and len(argv) in (5, 6):
+        listen, upstream, username, password = argv[1:5]
+        realm = argv[5] if len(argv) == 6 else "sip.kx21.com"
+        ha1s = {username: sip.compute_ha1(username, realm, password)}
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(_address(listen))
+        print("listening on {}:{}".format(*sock.getsockname()[:2]), flush=True)
+        serve(sock, _address(upstream), DigestFilter(realm, ha1s, os.urandom(32)))
     if len(argv) not in (3, 4):
         print(USAGE, file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The examples in examples/ run here, so they cannot rot: the asyncio
 registrar is started as a script on a free loopback port and spoken to over
-UDP; the digest filter's functions are called on built requests."""
+UDP; the digest filter's functions are called on built requests, and the filter
+is started as a script in front of a UDP service and spoken to over UDP."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -340,3 +342,108 @@ def test_the_filter_command_checks_a_captured_request(tmp_path: Path) -> None:
     assert digest_filter.main([str(capture), "alice", "wonderland"]) == 0
     assert digest_filter.main([str(capture), "alice", "guess"]) == 1
     assert digest_filter.main([str(capture)]) == 2
+
+
+# -- (b) over real sockets: the filter as a UDP front door ------------------------
+
+
+class Upstream:
+    """The service behind the filter: a UDP socket answering every request 200, with
+    the body it received, from a thread; it keeps what reached it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self.received: list[sip.Request] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            request = sip.parse_message(data)
+            assert isinstance(request, sip.Request)
+            self.received.append(request)
+            answer = sip.make_response(
+                request, 200, "OK", to_tag="up-1", headers=[("X-Upstream", "yes")]
+            )
+            self.sock.sendto(bytes(answer), source)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.fixture
+def front_door() -> Iterator[tuple[tuple[str, int], Upstream]]:
+    upstream = Upstream()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        str(EXAMPLES / "digest_filter.py"),
+        "--serve",
+        "127.0.0.1:0",
+        "{}:{}".format(*upstream.address),
+        "alice",
+        "wonderland",
+        REALM,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT
+    )
+    try:
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout=15):
+                pytest.fail("the filter example did not start within 15 s")
+        line = process.stdout.readline().decode()
+        assert line.startswith("listening on "), line or process.stderr.read()  # type: ignore[union-attr]
+        host, port = line.split()[-1].rsplit(":", 1)
+        yield (host, int(port)), upstream
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+        upstream.close()
+
+
+def test_the_filter_in_front_of_a_service_over_udp(
+    front_door: tuple[tuple[str, int], Upstream],
+) -> None:
+    door, upstream = front_door
+    uri = "sip:17752180264@sip.kx21.com"
+
+    def invite(branch: str, body: bytes, authorization: str | None = None) -> sip.Response:
+        data = request(
+            "INVITE", uri, host=REALM, branch=branch, authorization=authorization, body=body
+        )
+        return exchange(door, data)
+
+    challenge = invite("z9hG4bK-fd1", OFFER)
+    assert challenge.status_code == 401
+    authorization = authorize(bytes(challenge), "INVITE", uri, "alice", REALM, "wonderland")
+    assert upstream.received == []  # refused at the door
+
+    passed = invite("z9hG4bK-fd2", OFFER, authorization)
+    assert (passed.status_code, passed.headers.get("X-Upstream")) == (200, "yes")
+    (forwarded,) = upstream.received
+    assert forwarded.headers.get("Authorization") == authorization
+    formats = sip.audio_formats(sip.parse_sdp(forwarded.body))
+    assert [encoding for _pt, encoding, _clock in formats] == ["PCMU", "PCMA", "telephone-event"]
+
+    opus_only = invite("z9hG4bK-fd3", OPUS_ONLY, authorization)
+    assert opus_only.status_code == 488
+    wrong = authorize(bytes(challenge), "INVITE", uri, "alice", REALM, "guess")
+    refused = invite("z9hG4bK-fd4", OFFER, wrong)
+    assert (refused.status_code, refused.reason) == (403, "Bad credentials")
+    assert len(upstream.received) == 1  # only the one that passed
