@@ -120,6 +120,7 @@ class Log:
     fields: tuple[tuple[str, str | int | float | None], ...] = ()
 
     def as_dict(self) -> dict[str, str | int | float | None]:
+        """The fields as a dict (a later field of the same name wins)."""
         return dict(self.fields)
 
 

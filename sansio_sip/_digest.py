@@ -291,6 +291,7 @@ class DigestChallenge:
 
     @property
     def qop_options(self) -> tuple[str, ...]:
+        """The qop values offered ("auth", "auth-int"), in order; () when none."""
         if self.qop is None:
             return ()
         return tuple(part.strip() for part in self.qop.split(",") if part.strip())

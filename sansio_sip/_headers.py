@@ -357,10 +357,12 @@ class Via:
         return _lookup(self.params, name)
 
     def has_param(self, name: str) -> bool:
+        """Whether the parameter ``name`` is present (any case, with or without a value)."""
         return _has(self.params, name)
 
     @property
     def branch(self) -> str | None:
+        """The ``branch`` parameter (RFC 3261 §8.1.1.7); None when absent."""
         for key, value in self.params:  # _lookup_lower, inline: read on every message
             if key == "branch" or key.lower() == "branch":
                 return value
@@ -368,6 +370,7 @@ class Via:
 
     @property
     def received(self) -> str | None:
+        """The ``received`` parameter (RFC 3261 §18.2.1); None when absent."""
         return _lookup_lower(self.params, "received")
 
     @property
@@ -382,10 +385,12 @@ class Via:
 
     @property
     def maddr(self) -> str | None:
+        """The ``maddr`` parameter (RFC 3261 §18.2.2); None when absent."""
         return _lookup_lower(self.params, "maddr")
 
     @property
     def ttl(self) -> int | None:
+        """The ``ttl`` parameter as an integer; None when absent or not a number."""
         return _to_int(_lookup_lower(self.params, "ttl"))
 
     @property
@@ -503,6 +508,7 @@ class NameAddr:
 
     @property
     def tag(self) -> str | None:
+        """The ``tag`` parameter (From/To, RFC 3261 §19.3); None when absent."""
         for key, value in self.params:  # _lookup_lower, inline: read on every message
             if key == "tag" or key.lower() == "tag":
                 return value
@@ -513,6 +519,7 @@ class NameAddr:
         return _lookup(self.params, name)
 
     def has_param(self, name: str) -> bool:
+        """Whether the parameter ``name`` is present (any case, with or without a value)."""
         return _has(self.params, name)
 
     def with_tag(self, tag: str) -> NameAddr:

@@ -197,6 +197,7 @@ class Media:
 
     @property
     def m_line(self) -> str:
+        """The m= line's value: "media port[/count] proto formats..." (RFC 4566 §5.14)."""
         port = f"{self.port}/{self.port_count}" if self.port_count is not None else str(self.port)
         return " ".join((self.media, port, self.proto, *self.formats))
 
@@ -269,10 +270,12 @@ class SessionDescription:
 
     @property
     def version(self) -> str:
+        """The v= value ("0" when the line is missing)."""
         return self._first("v") or "0"
 
     @property
     def origin(self) -> Origin:
+        """The o= line parsed (RFC 4566 §5.2); ParseError when missing or malformed."""
         value = self._first("o")
         if value is None:
             raise _bad("missing o= line")
@@ -280,6 +283,7 @@ class SessionDescription:
 
     @property
     def session_name(self) -> str | None:
+        """The s= value; None when the line is missing."""
         return self._first("s")
 
     @property

@@ -155,6 +155,7 @@ class TelUri:
 
     @property
     def scheme(self) -> str:
+        """Always "tel" (RFC 3966)."""
         return "tel"
 
     def param(self, name: str) -> str | None:

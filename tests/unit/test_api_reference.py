@@ -3,7 +3,8 @@
 The page is written by hand; this test keeps it honest: every name in
 ``sansio_sip.__all__`` has a row, every row names something that exists, the
 Engine's method signatures on the page are the code's, and every exported
-class and function carries a docstring of its own.
+class and function, and every public method and property of an exported
+class, carries a docstring of its own.
 """
 
 from __future__ import annotations
@@ -101,6 +102,48 @@ def test_every_exported_class_and_function_has_a_docstring() -> None:
     )
     for name, value in engine_members().items():
         assert inspect.getdoc(value), f"Engine.{name} has no docstring"
+
+
+def public_members(cls: type) -> dict[str, object]:
+    """The public methods and properties a class defines itself (not inherited, not
+    attrs' generated ones, not enum members)."""
+    members = {}
+    for name, value in vars(cls).items():
+        if name.startswith("_"):
+            continue
+        function = value.fget if isinstance(value, property) else value
+        if isinstance(function, staticmethod | classmethod):
+            function = function.__func__
+        if inspect.isfunction(function):
+            members[name] = function
+    return members
+
+
+def test_every_public_method_and_property_of_an_exported_class_has_a_docstring() -> None:
+    undocumented = [
+        f"{name}.{member}"
+        for name in sansio_sip.__all__
+        if inspect.isclass(getattr(sansio_sip, name))
+        for member, function in public_members(getattr(sansio_sip, name)).items()
+        if not inspect.getdoc(function)
+    ]
+    assert not undocumented, f"public members without a docstring: {undocumented}"
+
+
+def test_the_member_check_sees_methods_and_properties() -> None:
+    class Sample:
+        def method(self) -> None:
+            pass
+
+        @property
+        def value(self) -> int:
+            return 1
+
+        def _private(self) -> None:
+            pass
+
+    assert sorted(public_members(Sample)) == ["method", "value"]
+    assert not any(inspect.getdoc(f) for f in public_members(Sample).values())
 
 
 def test_the_public_api_is_well_formed() -> None:
