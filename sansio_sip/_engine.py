@@ -213,6 +213,24 @@ class Engine:
                     fields=(("source", format_address(source)), ("reason", error.reason)),
                 )
             )
+            if error.status_code is not None:
+                # Tell the client why before closing (400 for Content-Length faults,
+                # 513 for a message over the limits), when its head names a Via.
+                answer = stateless_error_response(
+                    framer.rejected,
+                    error.status_code,
+                    error.reason,
+                    to_tag=self._entropy(6).hex(),
+                )
+                if answer is not None:
+                    out.append(
+                        Send(
+                            data=answer,
+                            destination=source,
+                            transport=transport,
+                            connection=connection,
+                        )
+                    )
             out.append(CloseConnection(connection=connection, reason=error.reason))
             self._framers.pop(connection, None)
             return out

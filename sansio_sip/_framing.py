@@ -15,7 +15,8 @@ Framing errors cannot be recovered on a stream (the next message boundary
 is unknown), so they raise ``ParseError`` with the status to answer (400 for
 a missing, invalid or conflicting Content-Length, 513 for a header block or
 body over the limit; ``None`` when the broken message is a response) and the
-caller must then close the connection. Limits bound the memory one
+caller must then close the connection, after answering the broken request
+from ``rejected`` when it can (RFC 3261 §18.3, §21.5.14). Limits bound the memory one
 connection can hold: at most ``max_header_bytes + max_body_bytes`` plus one
 chunk.
 """
@@ -45,6 +46,7 @@ class StreamFramer:
         "max_body_bytes",
         "max_header_bytes",
         "pongs_due",
+        "rejected",
     )
 
     def __init__(self, *, max_header_bytes: int = 16384, max_body_bytes: int = 65536) -> None:
@@ -57,6 +59,10 @@ class StreamFramer:
         """Double-CRLF pings seen on this connection (RFC 5626 §4.4.1)."""
         self.pongs_due = 0
         """Pings not yet answered; the caller sends one CRLF for each."""
+        self.rejected = b""
+        """After a framing error: the start of the broken message (at most
+        ``max_header_bytes``), from which the caller may answer it before it
+        closes the connection (``stateless_error_response`` reads its head)."""
         self._buffer = bytearray()
         self._scan_from = 0  # where the search for the end of headers resumes
 
@@ -113,6 +119,7 @@ class StreamFramer:
 
     def _error(self, buf: bytearray, reason: str, status: int) -> NoReturn:
         is_response = bytes(buf[:4]) == b"SIP/"
+        self.rejected = bytes(buf[: self.max_header_bytes])
         raise ParseError(reason, None if is_response else status)
 
     def _cut_one(self, buf: bytearray) -> bytes | None:

@@ -166,6 +166,9 @@ def observe_tcp(server: KxServer, data: bytes | list[bytes], *, source: str = "1
             return "connection closed"
         response = raw.final(timeout=1.5)
         if response is not None:
+            if response.status >= 400 and raw.final(timeout=0.5) is None and raw.closed:
+                # A framing fault: answered, then the stream cannot be resynchronised.
+                return f"{describe(response)}, then connection closed"
             return describe(response)
         if raw.closed:
             return "connection closed"
@@ -618,12 +621,16 @@ def _(ctx: Ctx) -> str:
     return observe_tcp(ctx.server, random.Random(8).randbytes(2048))
 
 
-@case("no Content-Length (mandatory on TCP)", "tcp", "connection closed")
+@case(
+    "no Content-Length (mandatory on TCP)",
+    "tcp",
+    "400 Missing Content-Length, then connection closed",
+)
 def _(ctx: Ctx) -> str:
     return observe_tcp(ctx.server, msg(drop=("Content-Length",), transport="TCP"))
 
 
-@case("Content-Length: 1,000,000,000", "tcp", "connection closed")
+@case("Content-Length: 1,000,000,000", "tcp", "513 Message Too Large: body, then connection closed")
 def _(ctx: Ctx) -> str:
     return observe_tcp(ctx.server, msg(content_length="1000000000", transport="TCP"))
 
@@ -633,12 +640,20 @@ def _(ctx: Ctx) -> str:
     return observe_tcp(ctx.server, msg(content_length="100", body=b"abc", transport="TCP"))
 
 
-@case("header section of 80 KiB without an end", "tcp", "connection closed")
+@case(
+    "header section of 80 KiB without an end",
+    "tcp",
+    "513 Message Too Large: header block, then connection closed",
+)
 def _(ctx: Ctx) -> str:
     return observe_tcp(ctx.server, msg()[:100] + b"X-Pad: " + b"a" * 80_000)
 
 
-@case("message of 9,000 bytes (over --max-message-size 8192)", "tcp", "connection closed")
+@case(
+    "message of 9,000 bytes (over --max-message-size 8192)",
+    "tcp",
+    "513 Message Too Large: header block, then connection closed",
+)
 def _(ctx: Ctx) -> str:
     return observe_tcp(ctx.server, msg(extra=("X-Pad: " + "a" * 9000,), transport="TCP"))
 
