@@ -353,6 +353,12 @@ class Engine:
             self._unlink_removed()
         return out
 
+    @property
+    def accepting(self) -> bool:
+        """False from ``stop_accepting`` on: a graceful shutdown has begun and new
+        calls get 503 while the calls up finish (a health check reads it)."""
+        return self._calls.accepting
+
     def stop_accepting(self, *, now: float, wall: float) -> list[Action]:
         """Graceful shutdown, step one: new calls get 503, running calls go on."""
         self._calls.accepting = False
@@ -916,6 +922,18 @@ class Engine:
         others = self._devices.others(account.username, ip, now=now)
         if others and self.config.one_device_per_account:
             self._counters["refused_second_device"] += 1
+            out.append(
+                Log(
+                    level="warning",
+                    event="account.second_device_refused",
+                    fields=(
+                        ("account", account.username),
+                        ("source", ip),
+                        ("method", request.method),
+                        ("others", ",".join(others)),
+                    ),
+                )
+            )
             self._respond(
                 pending.transaction,
                 request,

@@ -51,3 +51,19 @@ def test_engine_counts_sharing_and_can_refuse_the_second_device() -> None:
     assert _register(strict, Phone(call_id="a@x"), ("192.0.2.1", 5060)) == 200
     assert _register(strict, Phone(call_id="b@x"), ("198.51.100.9", 5060)) == 403
     assert _register(strict, Phone(call_id="c@x"), ("192.0.2.1", 5061)) == 200  # same device
+    assert strict.engine.stats()["refused_second_device"] == 1
+    [refusal] = [log for log in strict.logs if log.event == "account.second_device_refused"]
+    assert refusal.level == "warning"
+    assert dict(refusal.fields) == {
+        "account": "acme",
+        "source": "198.51.100.9",
+        "method": "REGISTER",
+        "others": "192.0.2.1",
+    }
+
+
+def test_the_engine_says_when_it_stops_accepting_calls() -> None:
+    h = Harness.make(account())
+    assert h.engine.accepting
+    h.engine.stop_accepting(now=h.now, wall=h.wall)
+    assert not h.engine.accepting
