@@ -32,7 +32,7 @@ class Registrar(asyncio.DatagramProtocol):
             match action:
                 case sip.Send(data=data, destination=destination):
                     self.transport.sendto(data, destination)
-                case sip.LookupAccount(token=token, username=name):  # a slow store: off the loop
+                case sip.LookupAccount(token=token, username=name):  # slow store? use a thread
                     self.feed(self.engine.account_found, token, ACCOUNTS.get(name))
                 case sip.Log(level=level, event=event, fields=fields):
                     print(level, event, dict(fields), flush=True)

@@ -629,6 +629,32 @@ def test_retransmitted_invite_does_not_spend_the_nonce_twice(
     assert not [m for m in carrier.requests if m.call_id == invite.call_id and m.method == "CANCEL"]
 
 
+def test_a_2xx_is_retransmitted_until_the_client_acks_it(
+    server: SipServer, carrier: ScriptedCarrier
+) -> None:
+    """RFC 3261 §13.3.1.4: the UAS core sends the 2xx again (T1, 2*T1, ... up to T2)
+    until the ACK comes; over UDP, so a lost 200 or ACK does not lose the call."""
+    digits = new_digits()
+    carrier.expect(digits, CARRIER_MEDIA_PORT)
+    with Phone(server.address) as phone:
+        phone.send_invite(digits, make_sdp(CLIENT_MEDIA_PORT))
+
+        def ok(m: SipMessage) -> bool:
+            return m.status == 200 and m.header("cseq") == "2 INVITE"
+
+        first = phone.expect(ok)
+        again = phone.expect(ok)  # no ACK yet: the same 200 once more
+        assert (again.start, again.headers, again.body) == (first.start, first.headers, first.body)
+        final = phone.final()  # the next one, ACKed now
+        assert final.status == 200
+        carrier.wait(digits, lambda call: call.acked)
+        quiet_until = time.monotonic() + 2.5  # past the next one due (T1 doubling: +2 s)
+        while (left := quiet_until - time.monotonic()) > 0:
+            message = phone._read(left)
+            assert message is None or not ok(message), "the 200 went on after its ACK"
+        assert phone.bye().status == 200
+
+
 # ------------------------------------------------------------------ TCP
 
 

@@ -174,6 +174,31 @@ def test_retransmitted_register_is_answered_again_without_a_new_challenge(
     assert first.header("WWW-Authenticate") == again.header("WWW-Authenticate")
 
 
+def test_a_final_answer_to_an_invite_is_retransmitted_until_acked(server: SipServer) -> None:
+    """RFC 3261 §17.2.1: over UDP the server transaction sends a non-2xx final answer to
+    an INVITE again (Timer G) until the ACK comes, then absorbs the ACK and stays quiet."""
+    with server.client() as client:
+        uri = f"sip:15551234567@{REALM}"
+        first = client.final(client.request("INVITE", uri))
+        assert first.status == 401
+        again = client.receive()  # no ACK sent: the same 401 again after T1
+        assert again is not None and again.raw == first.raw
+        via = first.all("Via")[0]
+        lines = [
+            f"ACK {uri} SIP/2.0",
+            f"Via: {via}",
+            "Max-Forwards: 70",
+            f"From: {first.header('From')}",
+            f"To: {first.header('To')}",
+            f"Call-ID: {first.header('Call-ID')}",
+            f"CSeq: {first.header('CSeq').split()[0]} ACK",  # type: ignore[union-attr]
+            "Content-Length: 0",
+        ]
+        client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+        client.receive(timeout=0.3)  # one already on its way may still come
+        assert client.receive(timeout=1.5) is None, "the 401 went on after its ACK"
+
+
 def test_password_change_by_the_cli_is_seen_by_the_next_register(fresh_server: SipServer) -> None:
     with fresh_server.client() as client:
         assert client.register("carol", ACCOUNTS["carol"]).status == 200

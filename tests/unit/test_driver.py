@@ -390,6 +390,50 @@ def test_idle_tcp_connection_is_closed(driver: str) -> None:
         assert wait_for(lambda: run.stats().get("tcp_closed_idle") == 1)
 
 
+def test_a_peer_that_does_not_read_is_closed_not_buffered_for(driver: str) -> None:
+    """Every queue bounded (STYLE.md §10): answers to a peer that never reads pile up
+    in the kernel and then in the driver, up to its bound (io_anyio: ``tcp_send_queue``
+    messages; io_socket: ``tcp_send_buffer`` bytes), and then the connection is closed."""
+    bound = {"tcp_send_queue": 8} if driver.startswith("anyio-") else {"tcp_send_buffer": 65536}
+    line = b"ECHO " + b"x" * 4000 + b"\n"
+    with running(driver, **bound) as run:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.settimeout(0.5)
+        sock.connect(run.address)
+        with sock:
+            deadline = time.monotonic() + WAIT * 4
+            sent = 0
+            while time.monotonic() < deadline and not run.stats().get("tcp_slow_peer"):
+                try:
+                    sock.sendall(line)  # never reading what comes back
+                    sent += 1
+                except TimeoutError:
+                    continue  # the server is not reading either: wait for its verdict
+                except OSError:
+                    break  # closed
+            # (io_anyio counts every answer dropped while the connection is being closed)
+            assert wait_for(lambda: run.stats().get("tcp_slow_peer", 0) >= 1), (sent, run.stats())
+            assert wait_for(lambda: run.stats()["tcp_connections"] == 0)
+        assert run.events("tcp.slow_peer")
+        with udp_client(run) as client:  # and the server serves on
+            assert ask(client, b"ECHO alive") == b"alive"
+
+
+def test_the_socket_driver_starts_no_thread() -> None:
+    """Driver-specific: issue 6 asks for io_socket without threads. Serving (UDP, TCP,
+    a store look-up, a record, the relay) runs in the one thread that called serve()."""
+    before = set(threading.enumerate())
+    with running("socket") as run, udp_client(run) as client, tcp_client(run) as tcp:
+        assert ask(client, b"LOOKUP alice") == b"FOUND alice"
+        assert ask(client, b"RECORD") == b"AFTER-RECORD"
+        assert ask(client, b"ALLOC").startswith(b"ALLOCATED")
+        tcp.sendall(b"ECHO over tcp\n")
+        assert read_lines(tcp, 1) == [b"over tcp"]
+        started = set(threading.enumerate()) - before
+        assert len(started) == 1, started  # running() serves in one thread of the test's
+
+
 def test_graceful_shutdown_waits_for_calls_then_ends_them(driver: str) -> None:
     with running(driver, grace_period=0.3) as run, udp_client(run) as client:
         assert ask(client, b"CALL") == b"CALLS 1"
