@@ -108,6 +108,7 @@ METRIC_NAMES = (
     "kx_sipd_up",
     "kx_sipd_sip_requests_total",
     "kx_sipd_sip_responses_total",
+    "kx_sipd_sip_answers_total",
     "kx_sipd_auth_outcomes_total",
     "kx_sipd_auth_failures_total",
     "kx_sipd_calls_rejected_total",
@@ -549,6 +550,12 @@ def _engine_families(snapshot: Snapshot) -> Iterator[Metric]:
         "SIP responses sent by the server, by status code.",
         labels=["code"],
     )
+    answered = CounterMetricFamily(
+        "kx_sipd_sip_answers",
+        "SIP responses sent by the server, by the request's method and the status code"
+        " (method 'malformed': a request answered 400/413/505... before it could be parsed).",
+        labels=["method", "code"],
+    )
     outcomes = CounterMetricFamily(
         "kx_sipd_auth_outcomes", "Digest authentication outcomes.", labels=["outcome"]
     )
@@ -579,6 +586,9 @@ def _engine_families(snapshot: Snapshot) -> Iterator[Metric]:
             methods[rest if rest in KNOWN_METHODS else "other"] += value
         elif prefix == "responses_out" and rest:
             responses.add_metric([rest], value)
+        elif prefix == "answered" and rest:
+            method, _, code = rest.rpartition(".")
+            answered.add_metric([method, code], value)
         elif prefix == "auth" and rest:
             outcomes.add_metric([rest], value)
         elif key.startswith("calls.rejected."):
@@ -595,7 +605,7 @@ def _engine_families(snapshot: Snapshot) -> Iterator[Metric]:
         # Every reason from the start, at 0 until it happens: rate() and alerts need the
         # series before the first failure, not only after it.
         failures.add_metric([reason], stats.get(f"auth.{reason}", 0))
-    yield from (requests, responses, outcomes, failures, rejected, ended, dropped, events)
+    yield from (requests, responses, answered, outcomes, failures, rejected, ended, dropped, events)
     for key, (name, doc) in _ENGINE_GAUGES.items():
         yield GaugeMetricFamily(name, doc, value=named.get(key, 0))
     for key, (name, doc) in _ENGINE_NAMED.items():

@@ -48,6 +48,7 @@ from ._message import Request, Response, parse_message
 from ._model import Account, Address, MediaAllocation, Transport
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
+from ._tu import COUNTED_METHODS as _COUNTED_METHODS
 from ._tu import Responder, ServerContext, context_of
 from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 from ._wire import format_address, stateless_error_response
@@ -65,25 +66,6 @@ _URI_KINDS = 4096
 """URIs whose kind the engine remembers (``Engine._uri_kind``): room for the
 Request-URIs and addresses-of-record of a few thousand registering clients;
 past it the memory starts over, which costs only a re-parse."""
-
-_COUNTED_METHODS = frozenset(
-    {
-        "REGISTER",
-        "OPTIONS",
-        "INVITE",
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "PRACK",
-        "SUBSCRIBE",
-        "NOTIFY",
-        "PUBLISH",
-        "INFO",
-        "REFER",
-        "MESSAGE",
-        "UPDATE",
-    }
-)
 
 
 @attrs.define(slots=True)
@@ -509,6 +491,7 @@ class Engine:
             )
             return
         self._counters[f"responses_out.{error.status_code}"] += 1
+        self._counters[f"answered.malformed.{error.status_code}"] += 1
         out.append(
             Send(data=answer, destination=source, transport=transport, connection=connection)
         )

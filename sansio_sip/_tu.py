@@ -102,6 +102,8 @@ class Responder:
         else:
             data = self._built(transaction, request, code, reason, tag, headers, body)
         self._counters[_COUNTER_KEYS.get(code) or f"responses_out.{code}"] += 1
+        method = request.method if request.method in COUNTED_METHODS else "other"
+        self._counters[f"answered.{method}.{code}"] += 1
         items: list[object] = list(
             self._transactions.respond_with(
                 transaction, code, data, to_tag=tag or request_tag, now=now
@@ -159,6 +161,28 @@ class Responder:
 
 def _is_content_length(name: str) -> bool:
     return name.lower() in ("content-length", "l")
+
+
+COUNTED_METHODS = frozenset(
+    {
+        "REGISTER",
+        "OPTIONS",
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "PRACK",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "PUBLISH",
+        "INFO",
+        "REFER",
+        "MESSAGE",
+        "UPDATE",
+    }
+)
+"""Methods counted by name (RFC 3261's and the common extensions'); any other
+counts as "other", so a peer inventing method names cannot grow the tables."""
 
 
 _COUNTER_KEYS = {code: f"responses_out.{code}" for code in (100, 180, 183, 200, 401, 403, 407)}

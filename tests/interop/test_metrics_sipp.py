@@ -214,6 +214,7 @@ def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     sent: Counter[str] = Counter()
     on_the_wire: Counter[str] = Counter()  # retransmissions included: kx-sipd counts them too
     received: Counter[int] = Counter()
+    answered: Counter[tuple[str, int]] = Counter()
     for run in (registrations, calls):
         for message in run.messages():
             if message.direction == "sent" and message.is_request:
@@ -221,6 +222,7 @@ def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
             elif message.direction == "received" and not message.is_request:
                 assert message.status is not None
                 received[message.status] += 1
+                answered[message.method, message.status] += 1
         for message in run.messages(retransmissions=True):
             if message.direction == "sent" and message.is_request:
                 on_the_wire[message.method] += 1
@@ -230,6 +232,9 @@ def test_metrics_add_up_to_what_sipp_sent(monitored: Monitored) -> None:
     for code, count in received.items():
         got = delta(after, before, "kx_sipd_sip_responses_total", code=str(code))
         assert got == count, (code, got, count)
+    for (method, code), count in answered.items():
+        got = delta(after, before, "kx_sipd_sip_answers_total", method=method, code=str(code))
+        assert got == count, (method, code, got, count)
     attempts = REGISTRATIONS + CALLS
     assert delta(after, before, "kx_sipd_auth_challenges_total") == attempts
     assert delta(after, before, "kx_sipd_auth_outcomes_total", outcome="accepted") == attempts

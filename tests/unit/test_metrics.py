@@ -182,12 +182,18 @@ def test_engine_counters_become_labelled_families() -> None:
         "transactions": 3,
         "bans": 99,
         "keepalives": 4,
+        "answered.REGISTER.401": 4,
+        "answered.INVITE.401": 1,
+        "answered.malformed.400": 2,
     }
     metrics.attach(snapshot=lambda: _snapshot(**stats))
     found = samples(metrics)
     assert value(found, "kx_sipd_sip_requests_total", method="REGISTER") == 6
     assert value(found, "kx_sipd_sip_requests_total", method="other") == 2  # FOO and BAR
     assert value(found, "kx_sipd_sip_responses_total", code="401") == 5
+    assert value(found, "kx_sipd_sip_answers_total", method="REGISTER", code="401") == 4
+    assert value(found, "kx_sipd_sip_answers_total", method="INVITE", code="401") == 1
+    assert value(found, "kx_sipd_sip_answers_total", method="malformed", code="400") == 2
     assert value(found, "kx_sipd_auth_outcomes_total", outcome="challenge") == 5
     assert value(found, "kx_sipd_auth_failures_total", reason="bad-credentials") == 2
     assert value(found, "kx_sipd_auth_failures_total", reason="unknown-user") == 1
