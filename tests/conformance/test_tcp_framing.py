@@ -4,9 +4,10 @@ On a stream the driver hands the engine chunks as the kernel cuts them, and the
 engine's framer finds the messages; these tests cut the stream where a real
 network can (one byte at a time, between header and body, two messages and a
 half in one write), send keep-alive pings, and break the framing (no
-Content-Length, a header block or a body over the limits), which closes that
-connection and nothing else. conftest's client sends with Nagle off, so each
-``send`` leaves as a segment of its own.
+Content-Length, a header block or a body over the limits): the client is told
+why (400 naming the Content-Length fault, 513 for the size: RFC 3261 §18.3,
+§21.5.14) and that connection is closed, nothing else. conftest's client sends
+with Nagle off, so each ``send`` leaves as a segment of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ def tcp_client(server: SipServer) -> SipClient:
     client = SipClient(server.address, "tcp")
     client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return client
+
+
+def answered_then_closed(client: SipClient) -> tuple[int, str]:
+    """The answer the server sent before closing (status, reason), asserting the close."""
+    response = client.receive()
+    assert response is not None, "closed (or silent) without an answer"
+    assert closed_by_server(client), "answered but not closed"
+    return response.status, response.reason
 
 
 def closed_by_server(client: SipClient, wait: float = WAIT) -> bool:
@@ -102,7 +111,8 @@ def test_a_request_without_content_length_closes_that_connection_only(server: Si
     with tcp_client(server) as client, tcp_client(server) as bystander:
         request = client.request("OPTIONS")
         client.send(request.replace(b"Content-Length: 0\r\n", b""))
-        assert closed_by_server(client)
+        status, reason = answered_then_closed(client)
+        assert status == 400 and "content-length" in reason.lower(), (status, reason)
         assert bystander.final(bystander.request("OPTIONS")).status == 200
     still_serving(server)
 
@@ -115,17 +125,15 @@ def test_the_same_request_over_udp_needs_no_content_length(server: SipServer) ->
 
 def test_a_header_block_past_the_limit_closes_the_connection(server: SipServer) -> None:
     with tcp_client(server) as client:
-        start = client.request("OPTIONS").split(b"\r\n", 1)[0] + b"\r\n"
-        client.send(start)
+        head = client.request("OPTIONS").split(b"\r\n\r\n", 1)[0] + b"\r\n"
         filler = b"X-Filler: " + b"a" * 1000 + b"\r\n"
-        closed = False
+        client.send(head)  # the Via first, so that the answer has somewhere to go
         for _ in range(MAX_MESSAGE // len(filler) + 8):  # past the limit, never a blank line
             try:
                 client.send(filler)
             except (BrokenPipeError, ConnectionResetError):
-                closed = True
                 break
-        assert closed or closed_by_server(client)
+        assert answered_then_closed(client)[0] == 513
     still_serving(server)
 
 
@@ -135,5 +143,5 @@ def test_a_body_announced_past_the_limit_closes_the_connection(server: SipServer
             b"Content-Length: 0", f"Content-Length: {MAX_MESSAGE * 4}".encode()
         )
         client.send(request + b"y" * 1000)
-        assert closed_by_server(client)
+        assert answered_then_closed(client)[0] == 513
     still_serving(server)
