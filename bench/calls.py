@@ -64,6 +64,40 @@ from register import (  # the shared SIPp step machinery
 )
 
 DIALED = "17752180264"
+
+
+class MainAndTreeCPU(anchorlib.TreeCPU):
+    """The tree's CPU for ``run_step``, and the main process's alone on the side: the
+    engine runs on one core there, the relay shards beside it, so what limits the
+    call rate is the main process's share (``main_ms_per_call`` after a step)."""
+
+    def __init__(self, root: int) -> None:
+        super().__init__(root)
+        self.main_snaps: list[float] = []
+        self.kernel_snaps: list[float] = []
+
+    def snap(self) -> float:
+        self.main_snaps.append(anchorlib.proc_cpu_s(self.root))
+        self.kernel_snaps.append(_kernel_seconds(self.root))
+        return float(super().snap())
+
+    def main_seconds_since(self, index: int) -> float:
+        return self.main_snaps[-1] - self.main_snaps[index]
+
+    def kernel_seconds_since(self, index: int) -> float:
+        return self.kernel_snaps[-1] - self.kernel_snaps[index]
+
+
+def _kernel_seconds(pid: int) -> float:
+    """System time of ``pid`` (all its threads), from /proc/PID/stat (clock ticks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 SIPPY_PORT = KAMAILIO_PORT  # run_b2bua.sh listens where the Kamailio anchor does
 
 
@@ -164,7 +198,7 @@ def main() -> int:
         )
         kx_uas = stack.enter_context(carrier_uas(directory, carrier_port, total_s, "kx"))
         servers: dict[str, tuple[int, Any, Any]] = {
-            "kx-sipd": (kx_port, anchorlib.TreeCPU(kx.pid), anchorlib.TreeCPU(kx_uas.pid))
+            "kx-sipd": (kx_port, MainAndTreeCPU(kx.pid), anchorlib.TreeCPU(kx_uas.pid))
         }
         if not args.no_sippy:
             sippy = stack.enter_context(sippy_b2bua(directory))
@@ -187,6 +221,7 @@ def main() -> int:
         for rate in rates:
             for label in list(active):
                 port, cpu, uas_cpu = servers[label]
+                first_snap = len(getattr(cpu, "main_snaps", ()))
                 step = run_step(
                     label=label,
                     sut_port=port,
@@ -206,6 +241,16 @@ def main() -> int:
                 steps.append(step)
                 ok = held(step, strict_retrans=False)
                 show(step, ok)
+                if isinstance(cpu, MainAndTreeCPU) and step["ok"]:
+                    main_s = cpu.main_seconds_since(first_snap)
+                    kernel_s = cpu.kernel_seconds_since(first_snap)
+                    print(
+                        f"{'':>9} main process alone: {1000.0 * main_s / step['ok']:.3f} ms "
+                        f"CPU per call ({100.0 * kernel_s / max(main_s, 1e-9):.0f} % of it in "
+                        f"the kernel), {100.0 * main_s / step['wall_s']:.0f} % of a CPU; "
+                        f"{load_note()}",
+                        flush=True,
+                    )
                 if not ok:
                     active.remove(label)
                 time.sleep(3.0)
