@@ -16,10 +16,13 @@ raw socket; beyond the queue bound a datagram is dropped and counted, never
 queued without limit: AnyIO's own asyncio UDP socket keeps 100 datagrams and
 silently discards the oldest, which is why it is not used), one task per TCP
 connection (reads have back-pressure: the task waits for room), and the tasks
-that await slow back-ends (account store, relay) in worker threads under a
-deadline and feed the result back. The loop itself never awaits a back-end:
-performing an action either completes at once (UDP ``sendto``, queueing bytes
-for a TCP writer task, a log line) or starts a task.
+that await slow back-ends (account look-ups, relay) under a deadline and feed
+the result back. The loop itself never awaits a back-end: performing an action
+either completes at once (UDP ``sendto``, queueing bytes for a TCP writer task,
+a log line, handing a store write to the writer thread) or starts a task.
+Store writes (call records, media figures) go to one long-lived writer thread
+(``_writer.py``) in order and in batches; what the engine ordered after a
+record (the answer to a BYE) is performed once the writer says it is durable.
 
 Observing (for kx_sipd's metrics, status and SIP traces): an optional
 ``MessageTrace`` is told of every datagram and TCP chunk read and every message
@@ -41,7 +44,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import importlib.util
-import itertools
 import json
 import math
 import resource
@@ -81,6 +83,7 @@ from sansio_sip import (
     UpdateMedia,
 )
 
+from ._writer import StoreWriter, Write
 from .options import DriverOptions
 
 __all__ = ["DrivenEngine", "MessageTrace", "Server", "serve"]
@@ -189,8 +192,9 @@ class Server:
 
     ``store`` answers account look-ups and takes call records; ``relay`` (or None
     when no media relay is configured: calls then fail with the engine's answer
-    to ``media_failed``) reserves media ports. Both may block: they are called in
-    worker threads under ``options.store_timeout`` / ``options.relay_timeout``.
+    to ``media_failed``) reserves media ports. Both may block: look-ups and relay
+    commands run in worker threads under ``options.store_timeout`` /
+    ``options.relay_timeout``, record writes in the store writer's thread.
     ``log`` receives the engine's ``Log`` actions and the driver's own events;
     ``trace`` and ``on_record`` observe messages and call records (module docstring).
     """
@@ -218,6 +222,13 @@ class Server:
         self._wake_in.setblocking(False)
         self._wake_out.setblocking(False)
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
+        self._posted: deque[Callable[[], None]] = deque()  # from the store writer
+        self._writer = StoreWriter(
+            store,
+            post=self._post,
+            on_failure=self._write_failed,
+            retry_max=options.record_retry_max,
+        )
         self._loop_thread: int | None = None
         self._serving = False
         self._inputs_in, self._inputs = anyio.create_memory_object_stream[_Input](
@@ -250,6 +261,7 @@ class Server:
         await self._bind()
         self._loop_thread = threading.get_ident()
         self._serving = True
+        self._writer.start()
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
@@ -268,6 +280,9 @@ class Server:
         finally:
             self._serving = False
             self._run_calls()  # a call that raced the end gets an answer, not a timeout
+            for write in self._writer.stop(self._options.store_timeout):
+                if isinstance(write.item, CallRecordData):
+                    self._unwritten(write.item)
             for sock in (*self._udp, self._wake_in, self._wake_out):
                 sock.close()
             for listener in self._listeners:
@@ -317,6 +332,7 @@ class Server:
             with contextlib.suppress(BlockingIOError):
                 self._wake_out.recv(4096)
             self._run_calls()
+            self._run_posted()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -329,6 +345,26 @@ class Server:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+
+    def _post(self, callbacks: list[Callable[[], None]]) -> None:
+        """From the store writer's thread: run ``callbacks`` in the loop, in order."""
+        self._posted.extend(callbacks)
+        with contextlib.suppress(OSError):  # full: a wake-up is already pending
+            self._wake_in.send(b"p")
+
+    def _run_posted(self) -> None:
+        while self._posted:
+            callback = self._posted.popleft()
+            try:
+                callback()
+            except Exception as exc:
+                self._counters["driver_bugs"] += 1
+                self._note(
+                    "error",
+                    "driver.bug",
+                    error=repr(exc),
+                    traceback="".join(traceback.format_exception(exc)),
+                )
 
     async def _shut_down(self) -> None:
         options = self._options
@@ -459,7 +495,9 @@ class Server:
                         self._traced(self._on_record, action.record)
                     # Durability: what follows a record in the same list (typically the
                     # answer to a BYE) is performed only once the store has the record.
-                    self._start(self._write_record, action, actions[index + 1 :])
+                    self._records_pending += 1
+                    then = partial(self._record_written, actions[index + 1 :])
+                    self._writer.submit(Write(action.record, then))
                     return
                 case Log():
                     self._emit(action)
@@ -835,44 +873,27 @@ class Server:
         except Exception as exc:
             self._backend_failed("relay", "release", exc)
             return
-        await self._store_write(
-            "media_stats", partial(self._store.attach_media_stats, action.call_ref, a_leg, b_leg)
-        )
+        self._writer.submit(Write((action.call_ref, a_leg, b_leg), None))
 
-    async def _write_record(self, action: CallRecord, then: Sequence[Action]) -> None:
-        self._records_pending += 1
-        written = False
-        try:
-            written = await self._store_write(
-                "record", partial(self._store.write_call_record, action.record)
-            )
-        finally:
-            self._records_pending -= 1
-            if not written:
-                # Cancelled at exit with the store still failing: the record goes to the log
-                # whole, so an operator can replay it; it is never dropped silently.
-                self._note(
-                    "error",
-                    "record.unwritten",
-                    call_ref=action.record.call_ref,
-                    record=json.dumps(attrs.asdict(action.record), default=str),
-                )
+    def _record_written(self, then: Sequence[Action]) -> None:
+        self._records_pending -= 1
         self._perform(then)
 
-    async def _store_write(self, what: str, write: Callable[[], None]) -> bool:
-        """Write until the store takes it, backing off up to ``record_retry_max`` (cancellable)."""
-        delay = 0.2
-        for attempt in itertools.count(1):
-            try:
-                await self._in_thread(self._options.store_timeout, write)
-            except Exception as exc:
-                self._counters["store_write_retries"] += 1
-                self._backend_failed("store", what, exc, attempt=attempt)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, self._options.record_retry_max)
-                continue
-            break
-        return True
+    def _write_failed(self, what: str, exc: Exception, attempt: int) -> None:
+        """A store write failed (the writer tries it again, backing off up to
+        ``record_retry_max``)."""
+        self._counters["store_write_retries"] += 1
+        self._backend_failed("store", what, exc, attempt=attempt)
+
+    def _unwritten(self, record: CallRecordData) -> None:
+        """At exit with the store still failing: the record goes to the log whole,
+        so an operator can replay it; it is never dropped silently."""
+        self._note(
+            "error",
+            "record.unwritten",
+            call_ref=record.call_ref,
+            record=json.dumps(attrs.asdict(record), default=str),
+        )
 
     async def _relay_call(self, relay: MediaRelay, name: str, *args: Any, **kwargs: Any) -> Any:
         """The relay's ``name`` operation within ``relay_timeout``. A relay that

@@ -103,6 +103,7 @@ __all__ = [
     "AccountInfo",
     "CallEntry",
     "Conflict",
+    "MediaStatsWrite",
     "NotFound",
     "RealmMismatch",
     "Store",
@@ -141,16 +142,26 @@ class _Connection:
         self.data_version: int | None = None
 
 
+MediaStatsWrite = tuple[str, MediaStats | None, MediaStats | None]
+"""``(call_ref, a_leg, b_leg)``: what ``attach_media_stats`` takes, as one item of
+``write_batch``."""
+
+
 class _PendingWrite:
-    """A record write waiting for its group commit."""
+    """Statements waiting for their group commit (all in it, in order)."""
 
-    __slots__ = ("done", "error", "statement", "values")
+    __slots__ = ("done", "error", "statements")
 
-    def __init__(self, statement: str, values: tuple[Any, ...]) -> None:
-        self.statement = statement
-        self.values = values
+    def __init__(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self.statements = statements
         self.done = False
         self.error: StoreUnavailable | None = None
+
+
+def _media_statement(
+    call_ref: str, a_leg: MediaStats | None, b_leg: MediaStats | None
+) -> tuple[str, tuple[Any, ...]]:
+    return UPSERT_MEDIA, (call_ref, stats_json(a_leg), stats_json(b_leg), time.time())
 
 
 class Store:
@@ -377,21 +388,35 @@ class Store:
     def write_call_record(self, record: CallRecordData) -> None:
         """Insert or update the record (by call_ref); durable when it returns
         (see the module docs). Raises StoreUnavailable."""
-        self._commit_grouped(UPSERT_CALL, record_values(record))
+        self._commit_grouped([(UPSERT_CALL, record_values(record))])
 
     def attach_media_stats(
         self, call_ref: str, a_leg: MediaStats | None, b_leg: MediaStats | None
     ) -> None:
         """Store the relay's final per-leg figures for a call. Raises StoreUnavailable."""
-        values = (call_ref, stats_json(a_leg), stats_json(b_leg), time.time())
-        self._commit_grouped(UPSERT_MEDIA, values)
+        self._commit_grouped([_media_statement(call_ref, a_leg, b_leg)])
 
-    def _commit_grouped(self, statement: str, values: tuple[Any, ...]) -> None:
+    def write_batch(self, writes: Sequence[CallRecordData | MediaStatsWrite]) -> None:
+        """``write_call_record`` / ``attach_media_stats`` for each item, in order,
+        in one transaction: all durable when it returns, or none written
+        (StoreUnavailable). For a driver's writer thread, which has many writes
+        at once and no concurrent caller to share a commit with: a commit
+        (its fsync) costs ~250 us of CPU here, a statement in a shared one ~50."""
+        self._commit_grouped(
+            [
+                (UPSERT_CALL, record_values(item))
+                if isinstance(item, CallRecordData)
+                else _media_statement(*item)
+                for item in writes
+            ]
+        )
+
+    def _commit_grouped(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         """Group commit: the first thread to get the write lock commits every
         write queued meanwhile in one transaction (one fsync), and the others
         find theirs done. Without it, concurrent writers queue on SQLite's own
         lock one fsync at a time, and a burst outlasts busy_timeout."""
-        write = _PendingWrite(statement, values)
+        write = _PendingWrite(statements)
         with self._lock:
             self._pending.append(write)
         with self._write_lock:
@@ -402,7 +427,8 @@ class Store:
                 try:
                     with self._writing(drop_cache=False) as db:
                         for item in batch:
-                            db.execute(item.statement, item.values)
+                            for statement, values in item.statements:
+                                db.execute(statement, values)
                 except StoreUnavailable as exc:
                     error = exc
                 except Conflict as exc:

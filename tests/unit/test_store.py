@@ -452,6 +452,20 @@ def test_records_are_upserted_and_media_stats_attached(store: Store) -> None:
     assert entry.b_media is None
 
 
+def test_a_batch_is_written_in_order_in_one_transaction_or_not_at_all(store: Store) -> None:
+    started, ended = record("c1"), record("c1", end_wall=1_700_000_010.0, final_status=200)
+    stats = MediaStats(packets_in=7)
+    store.write_batch([started, record("c2"), ("c1", stats, None), ended])
+    entries = {entry.record.call_ref: entry for entry in store.list_calls(limit=None)}
+    assert entries["c1"].record == ended  # the later write of the same call wins
+    assert entries["c1"].a_media == stats
+    assert entries["c2"].record == record("c2")
+    # A batch whose item is refused leaves nothing of itself behind.
+    with pytest.raises(StoreUnavailable):
+        store.write_batch([record("c3"), record("c4", start_wall=object())])  # not bindable
+    assert {entry.record.call_ref for entry in store.list_calls(limit=None)} == {"c1", "c2"}
+
+
 def test_media_stats_may_arrive_before_the_record(store: Store) -> None:
     store.attach_media_stats("c9", None, MediaStats(packets_in=3))
     assert store.list_calls() == []
