@@ -385,20 +385,25 @@ class Server:
         deadline = self._next_timer(None)
         timer_at = deadline
         while self._phase != "done":
+            # 1. wait for input or the earliest deadline; each ready socket's handler reads,
+            #    feeds the engine (2, 3) and performs the actions (4) at once
             for key, mask in self._selector.select(self._wait_time(timer_at)):
                 key.data(mask)
-            self._drain()
+            self._drain()  # results of back-end calls, closed connections
+            # 2-4. the engine's timer, then the driver's own deadlines
             now = time.monotonic()
-            fired_badly = False
-            if timer_at is not None and now >= timer_at:
-                timer = _Input(engine.handle_timer, "timer")
-                fired_badly = not self._handle(timer, not_before=deadline)
-            self._housekeeping(now)
+            fired = timer_at is not None and now >= timer_at
+            if fired:
+                self._handle(_Input(engine.handle_timer, "timer"), not_before=deadline)
+            self._housekeeping(now)  # relay poll, TCP sweep, write retries, shutdown phases
             self._drain()
+            # 5. re-arm only if the engine's next deadline moved
             next_deadline = self._next_timer(deadline)
             if next_deadline != deadline:
                 deadline = timer_at = next_deadline
-            elif fired_badly:
+            elif fired:
+                # The timer fired and the deadline did not move: an engine bug (it raised,
+                # or kept a past deadline). Try again a little later, never in a spin.
                 timer_at = now + _TIMER_BUG_BACKOFF
 
     def _wait_time(self, timer_at: float | None) -> float | None:
@@ -418,23 +423,20 @@ class Server:
             return None
         return max(0.0, earliest - time.monotonic())
 
-    def _handle(self, item: _Input, *, not_before: float | None = None) -> bool:
-        """Feed ``item`` and then every input its actions queued; False if ``item`` hit a bug."""
+    def _handle(self, item: _Input, *, not_before: float | None = None) -> None:
+        """Feed ``item`` (its ``now`` no earlier than ``not_before``: a timer never fires
+        before its deadline) and then every input its actions queued."""
         self._pending.appendleft(item)
         first = True
-        ok = True
         while self._pending:
             current = self._pending.popleft()
             now, wall = time.monotonic(), time.time()
             if first and not_before is not None:
                 now = max(now, not_before)
             actions = self._feed(current, now, wall)
-            if actions is None:
-                ok = ok and not first
-            else:
+            if actions is not None:
                 self._perform(actions)
             first = False
-        return ok
 
     def _drain(self) -> None:
         """Feed what performing queued (results of back-end calls, closed connections)."""

@@ -434,6 +434,27 @@ def test_the_socket_driver_starts_no_thread() -> None:
         assert len(started) == 1, started  # running() serves in one thread of the test's
 
 
+def test_a_timer_deadline_that_does_not_move_does_not_spin_the_loop(driver: str) -> None:
+    """An engine bug: handle_timer returns normally but next_timer() keeps the same past
+    deadline. The driver tries again every _TIMER_BUG_BACKOFF (0.1 s), never in a spin."""
+    if driver.startswith("anyio-"):
+        # Not run: io_anyio spins on it (a core busy for ~80 s in this test). Its fix is
+        # asked in /work/brief/requests-socket.md #3; then drop this skip.
+        pytest.xfail("io_anyio backs off only when handle_timer raises")
+    with running(driver) as run, udp_client(run) as client:
+        fired: list[float] = []
+
+        def stuck(*, now: float, wall: float) -> list[Any]:
+            fired.append(now)
+            return []
+
+        run.engine.handle_timer = stuck  # type: ignore[method-assign]
+        client.send(b"TIMER 0")  # a deadline now, which ``stuck`` never clears
+        time.sleep(0.5)
+        assert ask(client, b"ECHO alive") == b"alive"
+        assert 1 <= len(fired) <= 50, len(fired)  # ~5 with the back-off; a spin: thousands
+
+
 def test_graceful_shutdown_waits_for_calls_then_ends_them(driver: str) -> None:
     with running(driver, grace_period=0.3) as run, udp_client(run) as client:
         assert ask(client, b"CALL") == b"CALLS 1"
