@@ -464,6 +464,22 @@ def test_graceful_shutdown_waits_for_calls_then_ends_them(driver: str) -> None:
         assert run.events("fake.stop_accepting") and run.events("driver.stopped")
 
 
+def test_a_record_the_store_never_takes_is_logged_whole_at_exit(driver: str) -> None:
+    """Records are never dropped silently: one whose writes fail until the drain period
+    is over goes to the log, whole, for an operator to replay; the server still stops."""
+    with running(driver, drain_period=0.5, store_timeout=0.2) as run, udp_client(run) as client:
+        run.store.write_failures = 1_000_000
+        client.send(b"RECORD lost-call")
+        assert wait_for(lambda: run.events("store.failed"))
+        run.stop_server()
+        assert run.done.wait(WAIT)
+        (unwritten,) = run.events("record.unwritten")
+        fields = unwritten.as_dict()
+        assert fields["call_ref"] == "lost-call"
+        assert '"call_ref": "lost-call"' in str(fields["record"])
+    assert run.store.records == []
+
+
 def test_shutdown_without_calls_does_not_wait_for_the_grace_period(driver: str) -> None:
     with running(driver, grace_period=60.0) as run:
         run.stop_server()
