@@ -5,6 +5,7 @@ is started as a script in front of a UDP service and spoken to over UDP."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import selectors
@@ -209,6 +210,24 @@ def test_the_registrar_example_refuses_wrong_credentials(
 
 
 # -- (b) examples/digest_filter.py -------------------------------------------------
+
+
+LAYERS = {"_message", "_digest", "_sdp", "_errors"}  # issue 6: message, digest and SDP only
+
+
+def test_the_filter_uses_only_the_message_digest_and_sdp_layers() -> None:
+    tree = ast.parse((EXAMPLES / "digest_filter.py").read_text())
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "sip"
+    }
+    assert {"parse_message", "verify_response", "filter_offer"} <= used  # really read
+    modules = {name: getattr(sip, name).__module__.rsplit(".", 1)[-1] for name in used}
+    outside = {name: module for name, module in modules.items() if module not in LAYERS}
+    assert not outside, outside
 
 
 def load_filter() -> ModuleType:
