@@ -3,7 +3,8 @@
 ``kx-sipd serve`` hands most options to the engine, the relay or the application,
 which are the same whichever driver runs; these are the ones each driver applies
 on its own sockets (kx_sipd/app.py ``_serve``): the TCP connection limits and the
-idle timeout. (``--listen`` is every test's; ``--shutdown-grace`` is in
+idle timeout; and ``--max-message-size``, which the engine applies to what each
+driver reads (a datagram whole, a TCP stream in the chunks the driver cuts). (``--listen`` is every test's; ``--shutdown-grace`` is in
 test_lifecycle.py; ``--store-timeout`` is in tests/unit/test_driver.py, since a
 store slow on purpose needs a fake.) Loopback aliases (127.0.0.2, 127.0.0.3) give
 the per-address limit other addresses to count.
@@ -106,3 +107,20 @@ def test_an_idle_tcp_connection_is_closed_after_the_idle_timeout(start: Start) -
         assert closed, "the idle connection was kept"
         assert time.monotonic() - started >= 1 - 0.1, "closed before the idle timeout"
         assert serves(server, busy)
+
+
+def test_the_message_size_limit_holds_on_udp_and_tcp(start: Start) -> None:
+    server = start("--max-message-size", "2048")
+    body = b"x" * 3000
+    with server.client() as udp:
+        small = udp.request("OPTIONS", headers=(("Content-Type", "text/plain"),), body=b"ok")
+        assert udp.final(small).status == 200
+        big = udp.request("OPTIONS", headers=(("Content-Type", "text/plain"),), body=body)
+        assert udp.final(big).status == 513
+    with SipClient(server.address, "tcp") as tcp:
+        small = tcp.request("OPTIONS", headers=(("Content-Type", "text/plain"),), body=b"ok")
+        assert tcp.final(small).status == 200
+        tcp.send(tcp.request("OPTIONS", headers=(("Content-Type", "text/plain"),), body=body))
+        response = tcp.receive()
+        assert response is not None and response.status == 513
+        assert closed_by_server(tcp.sock)
