@@ -83,6 +83,7 @@ from sansio_sip import (
     UpdateMedia,
 )
 
+from ._inputs import InputQueue
 from ._writer import StoreWriter, Write
 from .options import DriverOptions
 
@@ -231,9 +232,7 @@ class Server:
         )
         self._loop_thread: int | None = None
         self._serving = False
-        self._inputs_in, self._inputs = anyio.create_memory_object_stream[_Input](
-            options.input_queue
-        )
+        self._inputs: InputQueue[_Input] = InputQueue(options.input_queue)
         self._limiter = anyio.CapacityLimiter(options.worker_threads)
         self._udp: list[socket.socket] = []
         self._udp_by_family: dict[socket.AddressFamily, socket.socket] = {}
@@ -397,7 +396,7 @@ class Server:
         while True:
             item: _Input | None = None
             with anyio.CancelScope(deadline=timer_at):
-                item = await self._inputs.receive()
+                item = await self._inputs.get()
             # Under load, inputs already queued are taken without a checkpoint each (up to
             # ``udp_batch``, and never past a deadline): the wait is the costly part.
             taken = 0
@@ -424,7 +423,7 @@ class Server:
                 # at the end of a batch would be lost (a datagram, or an account
                 # look-up's answer, leaving its transaction waiting for ever).
                 try:
-                    item = self._inputs.receive_nowait()
+                    item = self._inputs.get_nowait()
                 except anyio.WouldBlock:
                     break
 
@@ -459,14 +458,14 @@ class Server:
         """Queue an input for the loop (from a task; waits for room, and with ``wait``
         until the loop has fed it and performed the actions it returned)."""
         done = anyio.Event() if wait else None
-        await self._inputs_in.send(_Input(feed, what, done=done))
+        await self._inputs.put(_Input(feed, what, done=done))
         if done is not None:
             await done.wait()
 
     def _submit_soon(self, feed: Callable[..., Sequence[Action]], what: str) -> None:
         """Queue an input from synchronous code: at once if there is room, else from a task."""
         try:
-            self._inputs_in.send_nowait(_Input(feed, what))
+            self._inputs.put_nowait(_Input(feed, what))
         except anyio.WouldBlock:
             self._start(self._submit, feed, what)
 
@@ -538,7 +537,7 @@ class Server:
                     )
                 feed = partial(engine.receive, data, source=peer, transport=Transport.UDP)
                 try:
-                    self._inputs_in.send_nowait(_Input(feed, "udp", data))
+                    self._inputs.put_nowait(_Input(feed, "udp", data))
                 except anyio.WouldBlock:
                     self._dropped("udp_dropped", "udp.queue_full", peer)
 
@@ -673,7 +672,7 @@ class Server:
                 transport=Transport.TCP,
                 connection=conn.ident,
             )
-            await self._inputs_in.send(_Input(feed, "tcp", chunk))
+            await self._inputs.put(_Input(feed, "tcp", chunk))
 
     async def _write_connection(self, conn: _Connection, stream: anyio.abc.SocketStream) -> None:
         try:
