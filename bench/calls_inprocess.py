@@ -35,8 +35,13 @@ in process, with no socket between them). ``--relay-loop`` measures a
 driver's side of those commands against a local relay: the CPU of this
 process per call through worker threads and awaited directly.
 
+``--driver uvloop|asyncio|trio`` measures io_anyio instead: a datagram in and
+its answer out, one at a time, with the echo engine of the driver tests (with
+``--callgrind``: instructions per round trip, the client in the same process).
+
   python3 bench/calls_inprocess.py [--n 2000] [--rate 200] [--hold 10]
                                    [--profile] [--callgrind] [--relay] [--relay-loop]
+                                   [--driver uvloop|asyncio|trio]
 """
 
 from __future__ import annotations
@@ -137,13 +142,7 @@ IN_DIALOG = (  # the client's ACKs and BYE
     "\r\n"
 )
 CARRIER_RESPONSE = (
-    "SIP/2.0 {status}\r\n"
-    "{echoed}"
-    "{contact}"
-    "{content_type}"
-    "Content-Length: {length}\r\n"
-    "\r\n"
-    "{body}"
+    "SIP/2.0 {status}\r\n{echoed}{contact}{content_type}Content-Length: {length}\r\n\r\n{body}"
 )
 
 # Layers: by file; the parser's own modules together. Built-in functions and
@@ -508,6 +507,41 @@ def callgrind(args: argparse.Namespace) -> None:
     )
 
 
+def driver_round_trips(n: int, backend: str) -> None:
+    """``n`` datagrams through io_anyio's ``Server`` one at a time (each answered
+    before the next is sent), with tests/unit/driver_fakes.py's echo engine: the
+    driver's own cost per datagram in and out (receive, input queue, loop wake-up,
+    send), which a call pays for each of its 17 SIP datagrams. The client runs in
+    this process, the same for every version measured."""
+    import socket
+
+    import anyio.from_thread
+
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from driver_fakes import FakeEngine, FakeRelay, FakeStore
+
+    import io_anyio
+
+    server = io_anyio.Server(
+        FakeEngine(),
+        store=FakeStore(),
+        relay=FakeRelay(),
+        options=io_anyio.DriverOptions(listen=(("127.0.0.1", 0),), handle_signals=False),
+    )
+    options = {"use_uvloop": True} if backend == "uvloop" else {}
+    name = "asyncio" if backend == "uvloop" else backend
+    with anyio.from_thread.start_blocking_portal(name, backend_options=options) as portal:
+        future, addresses = portal.start_task(server.serve)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5.0)
+            sock.connect(addresses[0])
+            for _ in range(20 + n):
+                sock.send(b"ECHO x")
+                sock.recv(100)
+        portal.call(server.shutdown)
+        future.result(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="calls")
@@ -532,7 +566,37 @@ def main() -> None:
         action="store_true",
         help="a driver's CPU per call for the relay commands: worker threads vs awaited",
     )
+    ap.add_argument(
+        "--driver",
+        choices=("uvloop", "asyncio", "trio"),
+        default=None,
+        help="io_anyio's cost per datagram round trip (echo engine) instead of the engine",
+    )
+    ap.add_argument("--driver-run", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.driver is not None:
+        if args.driver_run is not None:
+            driver_round_trips(args.driver_run, args.driver)
+            return
+        n = min(args.n, 1000)
+        if args.callgrind:
+            script = str(Path(__file__).resolve())
+            counts = [
+                instructions(script, "--driver", args.driver, "--driver-run", str(count))
+                for count in (0, n)
+            ]
+            print(
+                f"io_anyio on {args.driver}: {(counts[1] - counts[0]) / n:,.0f} instructions "
+                f"per datagram round trip (n={n}, echo engine, the client included)"
+            )
+        else:
+            t0 = time.process_time()
+            driver_round_trips(n, args.driver)
+            print(
+                f"io_anyio on {args.driver}: {(time.process_time() - t0) / n * 1e6:,.1f} us CPU "
+                f"per datagram round trip (n={n}, echo engine, the client and start-up included)"
+            )
+        return
     if args.relay_loop:
         relay_from_a_loop(min(args.n, 1000))
         return

@@ -11,10 +11,13 @@ drains it:
 4. perform the returned actions in order;
 5. re-arm the timer only if ``next_timer()`` moved.
 
-Producers of inputs: one task per UDP socket (non-blocking ``recvfrom`` on a
-raw socket; beyond the queue bound a datagram is dropped and counted, never
-queued without limit: AnyIO's own asyncio UDP socket keeps 100 datagrams and
-silently discards the oldest, which is why it is not used), one task per TCP
+The queue is ``_inputs.InputQueue`` (a deque and an event: anyio's memory
+object stream cost a task-info object per wait). Producers of inputs: one
+reader per UDP socket (non-blocking ``recvfrom`` on a raw socket, a task on
+trio, a callback the asyncio loop keeps registered on asyncio; beyond the queue
+bound a datagram is dropped and counted, never queued without limit: AnyIO's
+own asyncio UDP socket keeps 100 datagrams and silently discards the oldest,
+which is why it is not used), one task per TCP
 connection (reads have back-pressure: the task waits for room), and the tasks
 that await slow back-ends (account look-ups, relay) under a deadline and feed
 the result back. The loop itself never awaits a back-end: performing an action
@@ -40,6 +43,7 @@ io_socket/server.py is the same loop with blocking sockets; keep the two in step
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
@@ -326,12 +330,22 @@ class Server:
             return future.result()  # it started meanwhile: it is quick, take its answer
 
     async def _answer_calls(self) -> None:
-        while True:
-            await anyio.wait_readable(self._wake_out)
-            with contextlib.suppress(BlockingIOError):
-                self._wake_out.recv(4096)
-            self._run_calls()
-            self._run_posted()
+        loop = _asyncio_loop()
+        if loop is None:
+            while True:
+                await anyio.wait_readable(self._wake_out)
+                self._woken()
+        loop.add_reader(self._wake_out.fileno(), self._woken)  # as _receive_udp does
+        try:
+            await anyio.sleep_forever()
+        finally:
+            loop.remove_reader(self._wake_out.fileno())
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_out.recv(4096)
+        self._run_calls()
+        self._run_posted()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -510,36 +524,64 @@ class Server:
     # -- UDP ---------------------------------------------------------------------------------
 
     async def _receive_udp(self, sock: socket.socket) -> None:
+        loop = _asyncio_loop()
+        if loop is None:
+            while True:
+                await anyio.wait_readable(sock)
+                self._read_udp(sock)
+        # On asyncio the socket stays registered with the loop, which calls the reader
+        # when it is readable: ``wait_readable`` registered and unregistered it (two
+        # epoll_ctl) and woke this task, for every wake-up.
+        loop.add_reader(sock.fileno(), self._read_udp_guarded, sock)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            loop.remove_reader(sock.fileno())
+
+    def _read_udp_guarded(self, sock: socket.socket) -> None:
+        """``_read_udp`` as a loop callback: an exception is a bug, counted and logged
+        (asyncio would print it and go on)."""
+        try:
+            self._read_udp(sock)
+        except Exception as exc:
+            self._counters["driver_bugs"] += 1
+            self._note(
+                "error",
+                "driver.bug",
+                error=repr(exc),
+                traceback="".join(traceback.format_exception(exc)),
+            )
+
+    def _read_udp(self, sock: socket.socket) -> None:
+        """Queue up to ``udp_batch`` datagrams that are waiting (never blocks)."""
         engine, options = self._engine, self._options
-        while True:
-            await anyio.wait_readable(sock)
-            for _ in range(options.udp_batch):
-                try:
-                    data, source = sock.recvfrom(options.max_datagram)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    # Linux reports some ICMP errors on the next receive; they name no request.
-                    self._counters["udp_receive_errors"] += 1
-                    self._note("debug", "udp.receive_error", error=repr(exc))
-                    continue
-                self._counters["udp_received"] += 1
-                peer = (source[0], source[1])
-                if self._trace is not None:
-                    self._traced(
-                        self._trace.received,
-                        data,
-                        source=peer,
-                        local=self._udp_local[sock],
-                        transport=Transport.UDP,
-                        connection=None,
-                        wall=time.time(),
-                    )
-                feed = partial(engine.receive, data, source=peer, transport=Transport.UDP)
-                try:
-                    self._inputs.put_nowait(_Input(feed, "udp", data))
-                except anyio.WouldBlock:
-                    self._dropped("udp_dropped", "udp.queue_full", peer)
+        for _ in range(options.udp_batch):
+            try:
+                data, source = sock.recvfrom(options.max_datagram)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # Linux reports some ICMP errors on the next receive; they name no request.
+                self._counters["udp_receive_errors"] += 1
+                self._note("debug", "udp.receive_error", error=repr(exc))
+                continue
+            self._counters["udp_received"] += 1
+            peer = (source[0], source[1])
+            if self._trace is not None:
+                self._traced(
+                    self._trace.received,
+                    data,
+                    source=peer,
+                    local=self._udp_local[sock],
+                    transport=Transport.UDP,
+                    connection=None,
+                    wall=time.time(),
+                )
+            feed = partial(engine.receive, data, source=peer, transport=Transport.UDP)
+            try:
+                self._inputs.put_nowait(_Input(feed, "udp", data))
+            except anyio.WouldBlock:
+                self._dropped("udp_dropped", "udp.queue_full", peer)
 
     def _send_udp(self, action: Send) -> None:
         host, port = action.destination
@@ -1039,6 +1081,14 @@ def _only_preempted(
 
 
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop (uvloop's too), or None on trio."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _loop_deadline(deadline: float | None) -> float:
