@@ -172,10 +172,18 @@ def _run_driver(
         # The answer watch counts answers when they go out (records come at start and end).
         "trace": AnswerWatch(metrics) if hep is None else TraceTee(AnswerWatch(metrics), hep),
         "on_record": metrics.observe_record,
-        "started": lambda server: _started(endpoint, engine, server),
+        "started": lambda server: _started(endpoint, engine, server, up),
     }
+    up: list[bool] = []
     try:
         _serve(settings, engine, observed)
+    except (OSError, BaseExceptionGroup) as exc:
+        bind_error = _bind_error(exc)
+        if up or bind_error is None:
+            raise
+        # The driver could not open its SIP sockets: a line, not a traceback.
+        where = ", ".join(format_address(address) for address in settings.listen)
+        _fail(log, "listen.failed", f"cannot listen on {where}: {bind_error.strerror}")
     finally:
         endpoint.stop()
         if hep is not None:
@@ -183,7 +191,8 @@ def _run_driver(
             log.log("info", "hep.stopped", **hep.counters)
 
 
-def _started(endpoint: ControlEndpoint, engine: Engine, server: Any) -> None:
+def _started(endpoint: ControlEndpoint, engine: Engine, server: Any, up: list[bool]) -> None:
+    up.append(True)
     endpoint.attach(engine=engine, server=server)
     settle_gc()
 
@@ -277,6 +286,19 @@ def demo_banner(settings: ServerSettings, realm: str) -> str:
             f"  Database            : {settings.db}",
         ]
     )
+
+
+def _bind_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a driver's failure to start (io_anyio raises it inside
+    an exception group), or None."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _bind_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _fail(log: JsonLogger, event: str, message: str) -> NoReturn:
