@@ -429,7 +429,9 @@ class Server:
                 next_deadline = self._next_timer(deadline)
                 if next_deadline != deadline:
                     deadline, timer_at = next_deadline, _loop_deadline(next_deadline)
-                elif actions is None and item.what == "timer":
+                elif item.what == "timer":
+                    # Every due timer was handled: a deadline that did not move is an
+                    # engine bug (or handle_timer raised). Try again later, never in a spin.
                     timer_at = anyio.current_time() + _TIMER_BUG_BACKOFF
                 if taken >= batch or (deadline is not None and time.monotonic() >= deadline):
                     break

@@ -437,10 +437,6 @@ def test_the_socket_driver_starts_no_thread() -> None:
 def test_a_timer_deadline_that_does_not_move_does_not_spin_the_loop(driver: str) -> None:
     """An engine bug: handle_timer returns normally but next_timer() keeps the same past
     deadline. The driver tries again every _TIMER_BUG_BACKOFF (0.1 s), never in a spin."""
-    if driver.startswith("anyio-"):
-        # Not run: io_anyio spins on it (a core busy for ~80 s in this test). Its fix is
-        # asked in /work/brief/requests-socket.md #3; then drop this skip.
-        pytest.xfail("io_anyio backs off only when handle_timer raises")
     with running(driver) as run, udp_client(run) as client:
         fired: list[float] = []
 
