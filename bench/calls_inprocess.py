@@ -535,6 +535,8 @@ def driver_round_trips(n: int, backend: str) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(5.0)
             sock.connect(addresses[0])
+            # A deadline far away, as a real engine always has one (transaction timers).
+            sock.send(b"TIMER 3600")
             for _ in range(20 + n):
                 sock.send(b"ECHO x")
                 sock.recv(100)
