@@ -270,6 +270,38 @@ def test_timed_store_times_every_call_counts_errors_and_sees_media_figures() -> 
     assert value(found, "kx_sipd_call_media_jitter_ms_count", leg="B") == 0  # no media, no jitter
 
 
+class _BatchStore(_Store):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[object]] = []
+
+    def write_batch(self, writes: list[object]) -> None:
+        if self.fail:
+            raise StoreUnavailable("disk full")
+        self.batches.append(list(writes))
+
+
+def test_a_batching_store_keeps_its_batches_and_each_write_is_observed() -> None:
+    metrics = ServerMetrics()
+    assert not hasattr(metrics.timed(_Store()), "write_batch")  # the driver looks for it
+    store = _BatchStore()
+    timed = metrics.timed(store)
+    media = ("c1", MediaStats(packets_in=50, packets_lost=2, jitter_ms=1.5), None)
+    timed.write_batch([record("c1"), media, record("c2")])
+    assert store.batches == [[record("c1"), media, record("c2")]]
+    found = samples(metrics)
+    assert value(found, "kx_sipd_store_seconds_count", operation="write_call_record") == 2
+    assert value(found, "kx_sipd_store_seconds_count", operation="attach_media_stats") == 1
+    assert value(found, "kx_sipd_call_media_packets_lost_total", leg="A") == 2
+    store.fail = True
+    with pytest.raises(StoreUnavailable):
+        timed.write_batch([record("c3"), media])
+    found = samples(metrics)
+    assert value(found, "kx_sipd_store_errors_total", operation="write_call_record") == 1
+    assert value(found, "kx_sipd_store_errors_total", operation="attach_media_stats") == 1
+    assert value(found, "kx_sipd_call_media_packets_lost_total", leg="A") == 2  # not written
+
+
 class _RelayClient:
     def __init__(
         self, shards: list[dict[str, Any]] | Exception, calls: list[dict[str, Any]]
