@@ -317,12 +317,13 @@ class Server:
                     assert_never(action)
 
     def _housekeeping(self, now: float) -> None:
+        """The driver's own deadlines, each acting only when due (its module says how)."""
         self._shutdown.advance(now)
         self._backends.poll_relay_if_due(now)
         self._tcp.sweep_if_due(now)
         self._backends.retry_due(now)
 
-    # -- the transports' shared parts --------------------------------------------------------
+    # -- both transports ---------------------------------------------------------------------
 
     def _transport_failed(self, action: Send, error: str) -> None:
         """A ``Send`` that could not go out (UDP or TCP): the engine is told, queued."""
