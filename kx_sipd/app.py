@@ -28,6 +28,8 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import attrs
+
 from sansio_sip import AccountStore, Address, Engine, EngineConfig, MediaRelay, StoreUnavailable
 
 from . import __version__
@@ -89,6 +91,14 @@ def run_server(settings: ServerSettings) -> None:
             )
             relay_at = format_address(settings.relay)
             remote, secret = settings.relay, settings.relay_secret.encode()
+            ignored = _local_relay_options_given(settings)
+            if ignored:
+                log.log(
+                    "warning",
+                    "relay.options_ignored",
+                    options=",".join(ignored),
+                    reason="a remote relay (--relay) uses the options it was started with",
+                )
             monitor = RelayMonitor(lambda: RelayClient(remote, secret, timeout=0.25, retries=1))
         else:
             try:
@@ -286,6 +296,17 @@ def demo_banner(settings: ServerSettings, realm: str) -> str:
             f"  Database            : {settings.db}",
         ]
     )
+
+
+def _local_relay_options_given(settings: ServerSettings) -> list[str]:
+    """The local relay's settings given a value other than their default, which
+    a remote relay ignores (it was started with its own)."""
+    defaults = attrs.fields_dict(ServerSettings)
+    return [
+        "--" + name.replace("_", "-")
+        for name in ("relay_shards", "rtp_range", "rtp_address")
+        if getattr(settings, name) != defaults[name].default
+    ]
 
 
 def _bind_error(exc: BaseException) -> OSError | None:

@@ -47,3 +47,39 @@ def test_a_taken_sip_port_is_one_line_and_exit_2(tmp_path: Path, driver: str, ki
     assert f"kx-sipd: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert '"event":"listen.failed"' in done.stderr
     assert '"event":"relay.stopped"' in done.stderr  # the local relay was stopped
+
+
+def test_local_relay_options_given_with_a_remote_relay_are_named_as_ignored(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        sip_port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "kx_sipd", "serve", "--demo",
+        "--db", str(tmp_path / "kx.sqlite"),
+        "--listen", f"127.0.0.1:{sip_port}",
+        "--metrics", f"127.0.0.1:{metrics_port}",
+        "--relay", "127.0.0.1:9", "--relay-secret", "0123456789abcdef",
+        "--relay-shards", "3", "--rtp-range", "30000-30099",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if '"event":"server.started"' in line or len(lines) > 200:
+                break
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    warnings = [line for line in lines if '"event":"relay.options_ignored"' in line]
+    assert len(warnings) == 1, "".join(lines)
+    assert "--relay-shards,--rtp-range" in warnings[0]
+    assert "--rtp-address" not in warnings[0]  # left at its default
