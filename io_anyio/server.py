@@ -403,45 +403,61 @@ class Server:
     # -- the loop ----------------------------------------------------------------------------
 
     async def _run_engine(self) -> None:
-        engine = self._engine
-        batch = self._options.udp_batch
-        deadline = engine.next_timer()
+        deadline = self._engine.next_timer()
         timer_at = _loop_deadline(deadline)
         while True:
-            item: _Input | None = None
-            with anyio.CancelScope(deadline=timer_at):
-                item = await self._inputs.get()
-            # Under load, inputs already queued are taken without a checkpoint each (up to
-            # ``udp_batch``, and never past a deadline): the wait is the costly part.
-            taken = 0
-            while True:
-                taken += 1
-                now, wall = time.monotonic(), time.time()
-                if item is None:
-                    item = _Input(engine.handle_timer, "timer")
-                    if deadline is not None:
-                        now = max(now, deadline)
-                actions = self._feed(item, now, wall)
-                if actions is not None:
-                    self._perform(actions)
-                if item.done is not None:
-                    item.done.set()
-                next_deadline = self._next_timer(deadline)
-                if next_deadline != deadline:
-                    deadline, timer_at = next_deadline, _loop_deadline(next_deadline)
-                elif item.what == "timer":
-                    # Every due timer was handled: a deadline that did not move is an
-                    # engine bug (or handle_timer raised). Try again later, never in a spin.
-                    timer_at = anyio.current_time() + _TIMER_BUG_BACKOFF
-                if taken >= batch or (deadline is not None and time.monotonic() >= deadline):
-                    break
-                # Taken only once it will be fed: an input taken and then left behind
-                # at the end of a batch would be lost (a datagram, or an account
-                # look-up's answer, leaving its transaction waiting for ever).
-                try:
-                    item = self._inputs.get_nowait()
-                except anyio.WouldBlock:
-                    break
+            # One cancel scope for as many waits as its deadline lasts: entering a scope
+            # with a deadline schedules a loop timer (and leaving cancels it), while most
+            # inputs leave the engine's next deadline where it was. The only await in
+            # here is the wait for an input, so the deadline can only cut that short,
+            # and an input is never lost to it (it stays queued).
+            with anyio.CancelScope(deadline=timer_at) as scope:
+                while True:
+                    item = await self._inputs.get()
+                    deadline, timer_at = self._run_batch(item, deadline, timer_at)
+                    if scope.deadline != timer_at:
+                        scope.deadline = timer_at
+            deadline, timer_at = self._run_batch(None, deadline, timer_at)
+
+    def _run_batch(
+        self, item: _Input | None, deadline: float | None, timer_at: float
+    ) -> tuple[float | None, float]:
+        """Feed ``item`` (None: the timer), then, under load, the inputs already
+        queued, without a checkpoint each (up to ``udp_batch``, and never past a
+        deadline): the wait is the costly part. Returns the engine's next deadline
+        and the loop time to wake up for it."""
+        engine = self._engine
+        taken = 0
+        while True:
+            taken += 1
+            now, wall = time.monotonic(), time.time()
+            if item is None:
+                item = _Input(engine.handle_timer, "timer")
+                if deadline is not None:
+                    now = max(now, deadline)
+            actions = self._feed(item, now, wall)
+            if actions is not None:
+                self._perform(actions)
+            if item.done is not None:
+                item.done.set()
+            next_deadline = self._next_timer(deadline)
+            if next_deadline != deadline:
+                deadline, timer_at = next_deadline, _loop_deadline(next_deadline)
+            elif item.what == "timer":
+                # Every due timer was handled: a deadline that did not move is an
+                # engine bug (or handle_timer raised). Try again later, never in a spin.
+                timer_at = anyio.current_time() + _TIMER_BUG_BACKOFF
+            if taken >= self._options.udp_batch or (
+                deadline is not None and time.monotonic() >= deadline
+            ):
+                return deadline, timer_at
+            # Taken only once it will be fed: an input taken and then left behind
+            # at the end of a batch would be lost (a datagram, or an account
+            # look-up's answer, leaving its transaction waiting for ever).
+            try:
+                item = self._inputs.get_nowait()
+            except anyio.WouldBlock:
+                return deadline, timer_at
 
     def _feed(self, item: _Input, now: float, wall: float) -> Sequence[Action] | None:
         """Call the engine; an exception escaping it is a bug: logged with a hash of the
