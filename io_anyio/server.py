@@ -59,7 +59,7 @@ import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NamedTuple, Protocol, TypeVar, assert_never
+from typing import Any, NamedTuple, TypeVar, assert_never
 
 import anyio
 import anyio.abc
@@ -67,7 +67,6 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sansio_sip import (
-    Account,
     AccountStore,
     Action,
     Address,
@@ -75,11 +74,13 @@ from sansio_sip import (
     CallRecord,
     CallRecordData,
     CloseConnection,
+    DrivenEngine,
     Log,
     LookupAccount,
     MediaAllocation,
     MediaRelay,
     MediaUnavailable,
+    MessageTrace,
     ReleaseMedia,
     Send,
     StoreUnavailable,
@@ -102,71 +103,6 @@ RecordSink = Callable[[CallRecordData], None]
 _TIMER_BUG_BACKOFF = 0.1
 # A connection the engine closes gets this long to write what was queued before it.
 _CLOSE_FLUSH = 2.0
-
-
-class DrivenEngine(Protocol):
-    """The part of ``sansio_sip.Engine`` a driver calls (keyword ``now``/``wall`` everywhere)."""
-
-    def receive(
-        self,
-        data: bytes,
-        *,
-        source: Address,
-        transport: Transport,
-        now: float,
-        wall: float,
-        connection: int | None = None,
-    ) -> list[Action]: ...
-    def connection_closed(self, connection: int, *, now: float, wall: float) -> list[Action]: ...
-    def handle_timer(self, *, now: float, wall: float) -> list[Action]: ...
-    def next_timer(self) -> float | None: ...
-    def account_found(
-        self, token: int, account: Account | None, *, now: float, wall: float
-    ) -> list[Action]: ...
-    def account_unavailable(self, token: int, *, now: float, wall: float) -> list[Action]: ...
-    def media_allocated(
-        self, token: int, allocation: MediaAllocation, *, now: float, wall: float
-    ) -> list[Action]: ...
-    def media_failed(self, token: int, reason: str, *, now: float, wall: float) -> list[Action]: ...
-    def media_ended(
-        self, call_ref: str, reason: str, *, now: float, wall: float
-    ) -> list[Action]: ...
-    def transport_failed(
-        self, destination: Address, transport: Transport, *, now: float, wall: float
-    ) -> list[Action]: ...
-    def stop_accepting(self, *, now: float, wall: float) -> list[Action]: ...
-    def end_all_calls(self, *, now: float, wall: float) -> list[Action]: ...
-    @property
-    def active_calls(self) -> int: ...
-    @property
-    def idle(self) -> bool: ...
-
-
-class MessageTrace(Protocol):
-    """Told of every SIP datagram or TCP chunk read and every message sent (in the loop:
-    it must not block). ``local`` is our socket's address (("", 0) while a TCP connection
-    we opened is not yet connected); ``connection`` the TCP connection id (None on UDP)."""
-
-    def received(
-        self,
-        data: bytes,
-        *,
-        source: Address,
-        local: Address,
-        transport: Transport,
-        connection: int | None,
-        wall: float,
-    ) -> None: ...
-    def sent(
-        self,
-        data: bytes,
-        *,
-        destination: Address,
-        local: Address,
-        transport: Transport,
-        wall: float,
-    ) -> None: ...
-    def connection_closed(self, connection: int) -> None: ...
 
 
 class _Input(NamedTuple):

@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ._model import Account, Address, CallRecordData, MediaAllocation, MediaStats
+from ._actions import Action
+from ._model import Account, Address, CallRecordData, MediaAllocation, MediaStats, Transport
 
 __all__ = [
     "AccountStore",
+    "DrivenEngine",
     "Entropy",
     "MediaRelay",
     "MediaUnavailable",
+    "MessageTrace",
     "StoreUnavailable",
 ]
 
@@ -84,3 +87,101 @@ class MediaRelay(Protocol):
         """Calls the relay ended on its own since the last poll, as
         (call_ref, reason) with reason "media-timeout" or "relay-lost"."""
         ...
+
+
+class DrivenEngine(Protocol):
+    """The part of ``Engine`` a driver calls (keyword ``now``/``wall`` everywhere):
+    what io_anyio and io_socket are typed against, so a test can drive them with
+    a fake engine."""
+
+    def receive(
+        self,
+        data: bytes,
+        *,
+        source: Address,
+        transport: Transport,
+        now: float,
+        wall: float,
+        connection: int | None = None,
+    ) -> list[Action]:
+        """A UDP datagram or a TCP chunk (``Engine.receive``)."""
+
+    def connection_closed(self, connection: int, *, now: float, wall: float) -> list[Action]:
+        """A TCP connection closed (``Engine.connection_closed``)."""
+
+    def handle_timer(self, *, now: float, wall: float) -> list[Action]:
+        """The earliest deadline has passed (``Engine.handle_timer``)."""
+
+    def next_timer(self) -> float | None:
+        """When to call ``handle_timer`` next, or None (``Engine.next_timer``)."""
+
+    def account_found(
+        self, token: int, account: Account | None, *, now: float, wall: float
+    ) -> list[Action]:
+        """The answer to a ``LookupAccount`` (``Engine.account_found``)."""
+
+    def account_unavailable(self, token: int, *, now: float, wall: float) -> list[Action]:
+        """A ``LookupAccount`` the store could not answer (``Engine.account_unavailable``)."""
+
+    def media_allocated(
+        self, token: int, allocation: MediaAllocation, *, now: float, wall: float
+    ) -> list[Action]:
+        """The answer to an ``AllocateMedia`` (``Engine.media_allocated``)."""
+
+    def media_failed(self, token: int, reason: str, *, now: float, wall: float) -> list[Action]:
+        """An ``AllocateMedia`` the relay refused (``Engine.media_failed``)."""
+
+    def media_ended(self, call_ref: str, reason: str, *, now: float, wall: float) -> list[Action]:
+        """The relay ended a call's media (``Engine.media_ended``)."""
+
+    def transport_failed(
+        self, destination: Address, transport: Transport, *, now: float, wall: float
+    ) -> list[Action]:
+        """A ``Send`` could not go out (``Engine.transport_failed``)."""
+
+    def stop_accepting(self, *, now: float, wall: float) -> list[Action]:
+        """Graceful shutdown, step one (``Engine.stop_accepting``)."""
+
+    def end_all_calls(self, *, now: float, wall: float) -> list[Action]:
+        """Graceful shutdown, step two (``Engine.end_all_calls``)."""
+
+    @property
+    def active_calls(self) -> int:
+        """Calls up (``Engine.active_calls``)."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left in flight (``Engine.idle``)."""
+
+
+class MessageTrace(Protocol):
+    """An observer a driver tells of every SIP datagram or TCP chunk it reads and
+    every message it sends, in its loop (so it must not block). ``local`` is our
+    socket's address (``("", 0)`` when unknown, e.g. while a TCP connection we
+    opened is not yet connected); ``connection`` the TCP connection id (None on UDP)."""
+
+    def received(
+        self,
+        data: bytes,
+        *,
+        source: Address,
+        local: Address,
+        transport: Transport,
+        connection: int | None,
+        wall: float,
+    ) -> None:
+        """``data`` was read from ``source`` on our socket ``local``."""
+
+    def sent(
+        self,
+        data: bytes,
+        *,
+        destination: Address,
+        local: Address,
+        transport: Transport,
+        wall: float,
+    ) -> None:
+        """``data`` was sent to ``destination`` from our socket ``local``."""
+
+    def connection_closed(self, connection: int) -> None:
+        """A TCP connection it was told of has closed."""
