@@ -307,13 +307,7 @@ class Server:
             try:
                 callback()
             except Exception as exc:
-                self._counters["driver_bugs"] += 1
-                self._note(
-                    "error",
-                    "driver.bug",
-                    error=repr(exc),
-                    traceback="".join(traceback.format_exception(exc)),
-                )
+                self._driver_bug(exc)
 
     async def _shut_down(self) -> None:
         options = self._options
@@ -498,13 +492,18 @@ class Server:
         try:
             self._read_udp(sock)
         except Exception as exc:
-            self._counters["driver_bugs"] += 1
-            self._note(
-                "error",
-                "driver.bug",
-                error=repr(exc),
-                traceback="".join(traceback.format_exception(exc)),
-            )
+            self._driver_bug(exc)
+
+    def _driver_bug(self, exc: Exception) -> None:
+        """A loop callback raised: a bug in the driver, counted and logged whole;
+        the loop goes on."""
+        self._counters["driver_bugs"] += 1
+        self._note(
+            "error",
+            "driver.bug",
+            error=repr(exc),
+            traceback="".join(traceback.format_exception(exc)),
+        )
 
     def _read_udp(self, sock: socket.socket) -> None:
         """Queue up to ``udp_batch`` datagrams that are waiting (never blocks)."""
