@@ -40,7 +40,14 @@ from prometheus_client import Gauge as PromGauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from sansio_sip import Account, AccountStore, Address, CallRecordData, MediaStats
+from sansio_sip import (
+    KNOWN_METHODS,
+    Account,
+    AccountStore,
+    Address,
+    CallRecordData,
+    MediaStats,
+)
 
 __all__ = [
     "METRIC_NAMES",
@@ -54,24 +61,6 @@ __all__ = [
     "take_snapshot",
 ]
 
-KNOWN_METHODS = frozenset(
-    [
-        "INVITE",
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "OPTIONS",
-        "REGISTER",
-        "PRACK",
-        "SUBSCRIBE",
-        "NOTIFY",
-        "PUBLISH",
-        "INFO",
-        "REFER",
-        "MESSAGE",
-        "UPDATE",
-    ]
-)
 AUTH_FAILURES = ("unknown-user", "bad-credentials", "source-not-allowed")
 # Calls whose start record was seen and whose final one was not yet; a lost final record
 # (a crash of the store, say) must not grow this for ever.

@@ -43,12 +43,11 @@ from ._errors import ParseError, RemoteProtocolError
 from ._events import ResponseReceived, TransactionTimedOut, TransportFailed
 from ._framing import StreamFramer
 from ._guard import Guard
-from ._headers import NameAddr, parse_name_addr
+from ._headers import KNOWN_METHODS, NameAddr, parse_name_addr
 from ._message import Request, Response, parse_message
 from ._model import Account, Address, MediaAllocation, Transport
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
-from ._tu import COUNTED_METHODS as _COUNTED_METHODS
 from ._tu import Responder, ServerContext, context_of
 from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 from ._wire import format_address, stateless_error_response
@@ -453,7 +452,7 @@ class Engine:
         self._counters["requests_in"] += 1
         # Counters are keyed by method only for the methods of RFC 3261 and its
         # common extensions: a peer inventing method names must not grow the table.
-        method_key = message.method if message.method in _COUNTED_METHODS else "other"
+        method_key = message.method if message.method in KNOWN_METHODS else "other"
         self._counters[f"requests_in.{method_key}"] += 1
         try:
             self._on_request(message, source, transport, connection, now, wall, out)

@@ -27,6 +27,7 @@ from ._uri import AbsoluteUri, SipUri, TelUri, parse_uri
 
 __all__ = [
     "COMPACT_FORMS",
+    "KNOWN_METHODS",
     "CSeq",
     "NameAddr",
     "Via",
@@ -304,11 +305,13 @@ class CSeq:
         return f"{self.number} {self.method}"
 
 
-_KNOWN_METHODS = frozenset(
+KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
      "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"}
 )  # fmt: skip
-"""Methods of RFC 3261 and its extensions: tokens known without a regex check."""
+"""Methods of RFC 3261 and its extensions: tokens the parser knows without a
+regex check, and the methods the engine counts by name (any other counts as
+"other", so a peer inventing method names cannot grow its tables)."""
 
 
 def parse_cseq(value: str) -> CSeq:
@@ -318,7 +321,7 @@ def parse_cseq(value: str) -> CSeq:
     method is not a token."""
     number, _, method = value.partition(" ")
     if not (number.isascii() and number.isdigit() and len(number) <= 10) or (
-        method not in _KNOWN_METHODS and not _TOKEN.fullmatch(method)
+        method not in KNOWN_METHODS and not _TOKEN.fullmatch(method)
     ):
         # Not the "<digits> <METHOD>" every stack writes: extra LWS, or an error.
         parts = value.split()

@@ -62,11 +62,11 @@ from ._errors import ParseError
 from ._headers import (
     _COMPACT_LOWER,
     _FROM_TO_COMMON,
-    _KNOWN_METHODS,
     _TOKEN,
     _TRANSPORTS,
     _URI_COMMON,
     _VIA_FROM_TO_COMMON,
+    KNOWN_METHODS,
     CSeq,
     NameAddr,
     Params,
@@ -697,7 +697,7 @@ def _parse_request_line(line: str) -> tuple[str, str, str]:
     parts = line.split(" ")
     if len(parts) == 3:
         method, uri, version = parts
-        if (method in _KNOWN_METHODS or _TOKEN.fullmatch(method)) and uri and version:
+        if (method in KNOWN_METHODS or _TOKEN.fullmatch(method)) and uri and version:
             if version == "SIP/2.0":
                 if uri[0] == "<":
                     raise ParseError("Request-URI in angle brackets")
@@ -879,7 +879,7 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     cseq_text = fields[keys.index("cseq")][2]
     number, _, cseq_method = cseq_text.partition(" ")
     if (
-        cseq_method in _KNOWN_METHODS
+        cseq_method in KNOWN_METHODS
         and number.isdigit()
         and number.isascii()
         and len(number) < 10  # below 2**31 without converting twice

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ._actions import Log
-from ._headers import Via
+from ._headers import KNOWN_METHODS, Via
 from ._message import Request, make_response
 from ._seams import Entropy
 from ._transaction import ServerTransaction, TransactionLayer
@@ -102,7 +102,7 @@ class Responder:
         else:
             data = self._built(transaction, request, code, reason, tag, headers, body)
         self._counters[_COUNTER_KEYS.get(code) or f"responses_out.{code}"] += 1
-        method = request.method if request.method in COUNTED_METHODS else "other"
+        method = request.method if request.method in KNOWN_METHODS else "other"
         self._counters[f"answered.{method}.{code}"] += 1
         items: list[object] = list(
             self._transactions.respond_with(
@@ -161,28 +161,6 @@ class Responder:
 
 def _is_content_length(name: str) -> bool:
     return name.lower() in ("content-length", "l")
-
-
-COUNTED_METHODS = frozenset(
-    {
-        "REGISTER",
-        "OPTIONS",
-        "INVITE",
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "PRACK",
-        "SUBSCRIBE",
-        "NOTIFY",
-        "PUBLISH",
-        "INFO",
-        "REFER",
-        "MESSAGE",
-        "UPDATE",
-    }
-)
-"""Methods counted by name (RFC 3261's and the common extensions'); any other
-counts as "other", so a peer inventing method names cannot grow the tables."""
 
 
 _COUNTER_KEYS = {code: f"responses_out.{code}" for code in (100, 180, 183, 200, 401, 403, 407)}
