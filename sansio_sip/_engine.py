@@ -902,20 +902,25 @@ class Engine:
             self._devices.forget(account.username, ip)
             return False
         others = self._devices.others(account.username, ip, now=now)
-        if others and self.config.one_device_per_account:
-            self._counters["refused_second_device"] += 1
-            out.append(
-                Log(
-                    level="warning",
-                    event="account.second_device_refused",
-                    fields=(
-                        ("account", account.username),
-                        ("source", ip),
-                        ("method", request.method),
-                        ("others", ",".join(others)),
-                    ),
-                )
+        refused = bool(others) and self.config.one_device_per_account
+        if not refused:
+            self._devices.seen(account.username, ip, now=now)
+        if not others:
+            return False
+        self._counters["refused_second_device" if refused else "accounts_shared"] += 1
+        out.append(
+            Log(
+                level="warning",
+                event="account.second_device_refused" if refused else "account.shared",
+                fields=(
+                    ("account", account.username),
+                    ("source", ip),
+                    ("method", request.method),
+                    ("others", ",".join(others)),
+                ),
             )
+        )
+        if refused:
             self._respond(
                 pending.transaction,
                 request,
@@ -925,22 +930,7 @@ class Engine:
                 wall,
                 out,
             )
-            return True
-        self._devices.seen(account.username, ip, now=now)
-        if others:
-            self._counters["accounts_shared"] += 1
-            out.append(
-                Log(
-                    level="warning",
-                    event="account.shared",
-                    fields=(
-                        ("account", account.username),
-                        ("source", ip),
-                        ("others", ",".join(others)),
-                    ),
-                )
-            )
-        return False
+        return refused
 
     def _auth_failed(
         self,
