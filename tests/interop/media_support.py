@@ -171,14 +171,7 @@ class MediaServer:
         return self.address[1]
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return int(self.process.returncode)
+        return stop_process(self.process, timeout)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
@@ -400,6 +393,18 @@ def start_server(
     raise RuntimeError("kx-sipd serve did not answer OPTIONS:\n" + log.read_text()[-4000:])
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM, ``timeout`` seconds to exit, then SIGKILL; the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    return int(process.returncode)
+
+
 @attrs.define
 class StandaloneRelay:
     """A running ``kx-sipd relay serve`` (the relay on "another host"), its log."""
@@ -411,14 +416,7 @@ class StandaloneRelay:
     process: subprocess.Popen[bytes]
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return int(self.process.returncode)
+        return stop_process(self.process, timeout)
 
 
 def start_standalone_relay(directory: Path, *, rtp_ports: int, shards: int) -> StandaloneRelay:
@@ -484,13 +482,7 @@ class SippMedia:
             raise AssertionError(f"SIPp {self.name} did not finish: {self.diagnostics()}") from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(3)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(3)
+        stop_process(self.process, 3.0)
 
     def diagnostics(self) -> str:
         parts = []
