@@ -15,8 +15,8 @@ control endpoint (kx_sipd/control.py: /metrics, /healthz, /status, /bans)
 listens on ``--metrics`` or, by default, 127.0.0.1:9061 (an explicit address
 that cannot be bound stops the server; the default one only logs a warning);
 ``--hep`` streams every SIP message to a HEP v3 collector (kx_sipd/trace.py). The
-drivers' message trace also feeds ``AnswerWatch``, which sees the 2xx answering a
-call's INVITE go out, so answers and set-up times count when they happen.
+driver's log sink goes through ``AnswerLog``, which counts a call's answer and its
+set-up time at the engine's ``call.answered`` event, when the 2xx goes out.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from sansio_sip import AccountStore, Address, Engine, EngineConfig, MediaRelay, 
 from . import __version__
 from .control import DEFAULT_CONTROL, STORE_PROBE_USER, ControlEndpoint
 from .logging import JsonLogger, capture_library_logs
-from .metrics import AnswerWatch, RelayMonitor, ServerMetrics
+from .metrics import AnswerLog, RelayMonitor, ServerMetrics
 from .settings import ServerSettings, format_address
-from .trace import HepTrace, TraceTee
+from .trace import HepTrace
 
 if TYPE_CHECKING:
     from rtp_relay import LocalRelay
@@ -178,9 +178,10 @@ def _run_driver(
     observed: dict[str, Any] = {
         "store": metrics.timed(store),
         "relay": relay,
-        "log": log,
-        # The answer watch counts answers when they go out (records come at start and end).
-        "trace": AnswerWatch(metrics) if hep is None else TraceTee(AnswerWatch(metrics), hep),
+        # Answers count when they go out (records come at a call's start and end).
+        "log": AnswerLog(metrics, log),
+        # Only HEP reads every message; without it the drivers trace nothing.
+        "trace": hep,
         "on_record": metrics.observe_record,
         "started": lambda server: _started(endpoint, engine, server, up),
     }

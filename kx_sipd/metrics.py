@@ -10,8 +10,8 @@ Three sources, each read where it is safe to read it:
 * **Call records** (the driver's ``on_record`` hook, in the loop) give attempts,
   answers and failures by route and final status, calls up per route and the
   call set-up time (answer − start). Records come at a call's start and end
-  only, so ``AnswerWatch`` (the driver's message trace) counts an answer and its
-  set-up time when the 2xx to the INVITE goes out. The store wrapper ``TimedStore`` times
+  only, so ``AnswerLog`` (the driver's log sink) counts an answer and its set-up
+  time at the engine's ``call.answered`` event, when the 2xx to the INVITE goes out. The store wrapper ``TimedStore`` times
   every store call the driver makes (look-ups, record writes, media figures)
   and sees the media figures of each ended call (loss, jitter per leg).
 * **The relay** is asked by ``RelayMonitor`` (shard figures over the control
@@ -26,7 +26,6 @@ lists them all (a test checks the page against ``METRIC_NAMES``).
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import Counter
@@ -44,14 +43,14 @@ from sansio_sip import (
     KNOWN_METHODS,
     Account,
     AccountStore,
-    Address,
     CallRecordData,
+    Log,
     MediaStats,
 )
 
 __all__ = [
     "METRIC_NAMES",
-    "AnswerWatch",
+    "AnswerLog",
     "RelayMonitor",
     "RelaySample",
     "RouteFigures",
@@ -457,7 +456,7 @@ class ServerMetrics:
 
     def observe_answer(self, call_id: str, wall: float) -> None:
         """kx-sipd sent a 2xx to the INVITE of the call whose client leg is ``call_id``
-        (``AnswerWatch``): the answer and the set-up time count now, not when the call
+        (``AnswerLog``): the answer and the set-up time count now, not when the call
         ends, which may be hours later. Repeats (retransmissions, re-INVITEs) and
         Call-IDs of no open call are ignored."""
         with self._lock:
@@ -689,54 +688,22 @@ def _relay_families(sample: RelaySample) -> Iterator[Metric]:
     yield from (shard_up, calls, free, restarts, packets, octets, dropped, lost, jitter)
 
 
-_OK_HEAD = b"SIP/2.0 2"
-_INVITE_CSEQ = re.compile(rb"\r\ncseq[ \t]*:[ \t]*\d+[ \t]+INVITE[ \t]*\r\n", re.IGNORECASE)
-_CALL_ID = re.compile(rb"\r\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]+?)[ \t]*\r\n", re.IGNORECASE)
+class AnswerLog:
+    """The driver's log sink with ``ServerMetrics`` listening: the engine's
+    ``call.answered`` event counts a call's answer and its set-up time when the 2xx
+    goes out (call records come at a call's start and end only). Every entry is
+    then passed on to ``log``; one string comparison per entry."""
 
-
-class AnswerWatch:
-    """A driver ``MessageTrace`` that tells ``ServerMetrics`` when a call is answered.
-
-    Call records come at a call's start and end only, so without this the answers
-    and the set-up time of a call would be counted when it ends. Every message sent
-    passes here (in the loop): anything but a 2xx costs one ``startswith``; a 2xx is
-    read for its CSeq and, when it answers an INVITE, its Call-ID. Never raises."""
-
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, log: Callable[[Log], None]) -> None:
         self._metrics = metrics
+        self._log = log
 
-    # The drivers' keyword arguments are named here one by one: binding them is cheaper
-    # than collecting them into a dict, and this runs for every message in and out.
-    def received(
-        self,
-        data: bytes,
-        *,
-        source: Address,
-        local: Address,
-        transport: object,
-        connection: int | None,
-        wall: float,
-    ) -> None:
-        return None
-
-    def sent(
-        self, data: bytes, *, destination: Address, local: Address, transport: object, wall: float
-    ) -> None:
-        if not data.startswith(_OK_HEAD):
-            return
-        end = data.find(b"\r\n\r\n") + 2
-        # A REGISTER's or BYE's 200 is turned away by one C-level scan before any regex.
-        if end < 2 or data.find(b"INVITE\r\n", 0, end) < 0:
-            return
-        head = data[:end]
-        if _INVITE_CSEQ.search(head) is None:
-            return
-        found = _CALL_ID.search(head)
-        if found is not None:
-            self._metrics.observe_answer(found.group(1).decode("utf-8", "replace"), wall)
-
-    def connection_closed(self, connection: int) -> None:
-        return None
+    def __call__(self, entry: Log) -> None:
+        if entry.event == "call.answered":
+            call_id = dict(entry.fields).get("call_id")
+            if isinstance(call_id, str):
+                self._metrics.observe_answer(call_id, time.time())
+        self._log(entry)
 
 
 class TimedStore:

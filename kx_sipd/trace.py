@@ -55,7 +55,6 @@ __all__ = [
     "HEP_SIP",
     "HepPacket",
     "HepTrace",
-    "TraceTee",
     "decode_hep",
     "encode_hep",
     "ladder_frames",
@@ -293,34 +292,6 @@ class HepTrace:
             self.counters["send_errors"] += 1
             return
         self.counters["packets"] += 1
-
-
-class TraceTee:
-    """One driver ``MessageTrace`` that hands every event to several, in order (the
-    metrics' answer watch, then HEP). Each is called even when an earlier one raised;
-    the first exception is raised again afterwards, for the driver to count."""
-
-    def __init__(self, *traces: object) -> None:
-        self.traces = traces
-
-    def _each(self, name: str, *args: object, **kwargs: object) -> None:
-        failed: Exception | None = None
-        for trace in self.traces:
-            try:
-                getattr(trace, name)(*args, **kwargs)
-            except Exception as exc:
-                failed = failed or exc
-        if failed is not None:
-            raise failed
-
-    def received(self, data: bytes, **where: object) -> None:
-        self._each("received", data, **where)
-
-    def sent(self, data: bytes, **where: object) -> None:
-        self._each("sent", data, **where)
-
-    def connection_closed(self, connection: int) -> None:
-        self._each("connection_closed", connection)
 
 
 def _unmapped(address: Address) -> Address:

@@ -707,6 +707,21 @@ class CallManager:
         call.state = CallState.ANSWERING
         call.codec, call.answer_wall, call.answer_status = codec, wall, code
         self._counters["calls.answered"] += 1
+        # The moment the call counts as answered (metrics read it; the record says
+        # so only when the call ends).
+        out.append(
+            Log(
+                level="info",
+                event="call.answered",
+                fields=(
+                    ("call_ref", call.ref),
+                    ("call_id", call.a.call_id),
+                    ("account", call.account.username),
+                    ("status", code),
+                    ("codec", codec),
+                ),
+            )
+        )
         if data is not None:
             self._retransmit(call, call.a, data, call.a_request.cseq.number, now)
 

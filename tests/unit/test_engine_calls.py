@@ -443,3 +443,15 @@ def test_route_naming_kx_sipd_is_consumed_and_strict_routing_is_understood() -> 
     )
     [b_invite] = requests_to(h.receive(second), CARRIER)
     assert b_invite.uri == f"sip:{DIGITS}@192.0.2.50:5060"
+
+
+def test_the_answer_is_logged_once_when_the_2xx_goes_out() -> None:
+    """call.answered: the event metrics count answers and set-up times from."""
+    h = Harness.make(account())
+    a_invite, _b_invite, ok = answered_call(h, Phone())
+    [event] = [log for log in h.logs if log.event == "call.answered"]
+    fields = dict(event.fields)
+    assert fields["call_id"] == a_invite.call_id and fields["status"] == ok.status_code == 200
+    assert fields["account"] == "acme" and fields["codec"] == "PCMA"  # the carrier's choice
+    h.advance(1.0)  # retransmissions of the 200 are not answers
+    assert sum(log.event == "call.answered" for log in h.logs) == 1

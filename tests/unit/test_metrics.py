@@ -13,12 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kx_sipd.metrics import (
     METRIC_NAMES,
-    AnswerWatch,
+    AnswerLog,
     RelayMonitor,
     ServerMetrics,
     Snapshot,
 )
-from sansio_sip import Account, CallRecordData, MediaStats, StoreUnavailable, Transport
+from sansio_sip import Account, CallRecordData, Log, MediaStats, StoreUnavailable
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
@@ -110,52 +110,47 @@ def _answer(call_id: str, cseq: str = "2 INVITE", status: str = "200 OK") -> byt
     ).encode() + body
 
 
-def test_an_answer_counts_when_it_goes_out_not_when_the_call_ends() -> None:
-    """Records come at a call's start and end; AnswerWatch, the driver's message trace,
-    sees the 2xx to the INVITE go out and counts the answer and its set-up time then."""
+def test_an_answer_counts_when_it_goes_out_not_when_the_call_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records come at a call's start and end; AnswerLog, the driver's log sink, sees
+    the engine's call.answered event (the 2xx to the INVITE going out) and counts the
+    answer and its set-up time then. Every entry still reaches the log."""
     metrics = ServerMetrics()
-    watch = AnswerWatch(metrics)
+    logged: list[Log] = []
+    sink = AnswerLog(metrics, logged.append)
     metrics.observe_record(record("c1"))  # a_call_id c1@client, started at 1000.0
     metrics.observe_record(record("c2"))
-    where: dict[str, Any] = {
-        "destination": ("192.0.2.1", 5060),
-        "local": ("192.0.2.5", 5060),
-        "transport": Transport.UDP,
-        "wall": 1001.25,
-    }
-    watch.received(
-        _answer("Call-ID: c1@client"),
-        source=("192.0.2.1", 5060),
-        local=("192.0.2.5", 5060),
-        transport=Transport.UDP,
-        connection=None,
-        wall=1.0,
-    )
-    watch.sent(_answer("Call-ID: c1@client", "3 REGISTER"), **where)  # not an INVITE's
-    watch.sent(_answer("Call-ID: c1@client", status="100 Trying"), **where)
-    watch.sent(_answer("Call-ID: elsewhere@client"), **where)  # no such open call
+    clock = [1001.25]
+    monkeypatch.setattr("kx_sipd.metrics.time.time", lambda: clock[0])
+
+    def answered(call_id: str) -> Log:
+        fields = (("call_ref", "r"), ("call_id", call_id), ("status", 200))
+        return Log(level="info", event="call.answered", fields=fields)
+
+    sink(Log(level="info", event="call.ended", fields=(("call_id", "c1@client"),)))
+    sink(answered("elsewhere@client"))  # no such open call
     assert value(samples(metrics), "kx_sipd_call_answers_total", route="carrier") == 0
-    watch.sent(_answer("i:  c1@client ", "2\tINVITE"), **where)  # compact, odd spacing
-    watch.sent(_answer("CALL-ID: c1@client"), **{**where, "wall": 1009.0})  # retransmission
+    sink(answered("c1@client"))
+    clock[0] = 1009.0
+    sink(answered("c1@client"))  # told again: counted once
     found = samples(metrics)
     assert value(found, "kx_sipd_call_answers_total", route="carrier") == 1
     assert value(found, "kx_sipd_call_setup_seconds_sum", route="carrier") == 1.25
     assert value(found, "kx_sipd_calls_up", route="carrier") == 2
     assert metrics.routes()["carrier"].answers == 1
-    # The call's end does not count it again; a call the watch did not see answered
-    # (a driver without the trace) is counted from its final record as before.
+    # The call's end does not count it again; a call not seen answered (a driver
+    # without the log sink) is counted from its final record as before.
     metrics.observe_record(record("c1", answer_wall=1001.2, end_wall=1500.0, final_status=200))
     metrics.observe_record(record("c2", answer_wall=1003.0, end_wall=1500.0, final_status=200))
     found = samples(metrics)
     assert value(found, "kx_sipd_call_answers_total", route="carrier") == 2
     assert value(found, "kx_sipd_call_setup_seconds_count", route="carrier") == 2
     assert value(found, "kx_sipd_call_setup_seconds_sum", route="carrier") == 4.25
-    # Ended calls are forgotten: a late retransmission of the 200 counts nothing.
-    watch.sent(_answer("Call-ID: c1@client"), **where)
+    # Ended calls are forgotten: a late event counts nothing.
+    sink(answered("c1@client"))
     assert value(samples(metrics), "kx_sipd_call_answers_total", route="carrier") == 2
-    watch.sent(b"\r\n\r\n", **where)  # a keep-alive
-    watch.sent(b"SIP/2.0 200 OK", **where)  # no head end: nothing to read
-    watch.connection_closed(3)
+    assert len(logged) == 5  # every entry passed on
 
 
 def test_engine_counters_become_labelled_families() -> None:

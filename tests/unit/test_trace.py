@@ -20,7 +20,6 @@ from scapy.utils import rdpcap
 from kx_sipd.trace import (
     HEP_SIP,
     HepTrace,
-    TraceTee,
     decode_hep,
     encode_hep,
     ladder_frames,
@@ -292,39 +291,6 @@ def test_hep_trace_writes_ipv4_mapped_peers_as_ipv4() -> None:
         trace.close()
         collector.close()
     assert packet.family == 2 and packet.source == ("192.0.2.7", 5062)
-
-
-def test_trace_tee_calls_every_trace_and_reraises_the_first_failure() -> None:
-    calls: list[tuple[str, str]] = []
-
-    class Recording:
-        def __init__(self, name: str, fail: bool = False) -> None:
-            self.name, self.fail = name, fail
-
-        def received(self, data: bytes, **where: object) -> None:
-            calls.append((self.name, "received"))
-
-        def sent(self, data: bytes, **where: object) -> None:
-            calls.append((self.name, "sent"))
-            if self.fail:
-                raise RuntimeError(self.name)
-
-        def connection_closed(self, connection: int) -> None:
-            calls.append((self.name, "closed"))
-
-    tee = TraceTee(Recording("first", fail=True), Recording("second"))
-    tee.received(b"x", source=("192.0.2.1", 5060), wall=1.0)
-    with pytest.raises(RuntimeError, match="first"):
-        tee.sent(b"x", destination=("192.0.2.1", 5060), wall=1.0)
-    tee.connection_closed(7)
-    assert calls == [
-        ("first", "received"),
-        ("second", "received"),
-        ("first", "sent"),
-        ("second", "sent"),  # still told, although the first one failed
-        ("first", "closed"),
-        ("second", "closed"),
-    ]
 
 
 def _chunks(data: bytes) -> dict[int, bytes]:
