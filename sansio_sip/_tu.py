@@ -102,8 +102,11 @@ class Responder:
         else:
             data = self._built(transaction, request, code, reason, tag, headers, body)
         self._counters[_COUNTER_KEYS.get(code) or f"responses_out.{code}"] += 1
-        method = request.method if request.method in KNOWN_METHODS else "other"
-        self._counters[f"answered.{method}.{code}"] += 1
+        method = request.method
+        key = _ANSWER_KEYS.get((method, code))
+        if key is None:
+            key = f"answered.{method if method in KNOWN_METHODS else 'other'}.{code}"
+        self._counters[key] += 1
         items: list[object] = list(
             self._transactions.respond_with(
                 transaction, code, data, to_tag=tag or request_tag, now=now
@@ -165,6 +168,12 @@ def _is_content_length(name: str) -> bool:
 
 _COUNTER_KEYS = {code: f"responses_out.{code}" for code in (100, 180, 183, 200, 401, 403, 407)}
 """Counter names of the usual answers, built once."""
+_ANSWER_KEYS = {
+    (method, code): f"answered.{method}.{code}"
+    for method in ("REGISTER", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS")
+    for code in (100, 180, 183, 200, 401, 403, 407)
+}
+"""The same for the counters by method and code."""
 
 
 def _response_bytes(
