@@ -59,7 +59,7 @@ import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, NamedTuple, TypeVar, assert_never
+from typing import Any, NamedTuple, Protocol, TypeVar, assert_never
 
 import anyio
 import anyio.abc
@@ -79,6 +79,7 @@ from sansio_sip import (
     LookupAccount,
     MediaAllocation,
     MediaRelay,
+    MediaStats,
     MediaUnavailable,
     MessageTrace,
     ReleaseMedia,
@@ -101,6 +102,11 @@ RecordSink = Callable[[CallRecordData], None]
 # After an engine bug in handle_timer the deadline has not moved; retry it this
 # much later instead of spinning on a deadline that is already past.
 _TIMER_BUG_BACKOFF = 0.1
+# The loop wakes for the engine's timers on a grid of this many seconds, so timers
+# falling due close together (about five per call: retransmissions, transaction
+# lifetimes) are handled in one wake-up; a timer fires at most this much late (SIP's
+# shortest timer is T1, 500 ms).
+_TIMER_GRAIN = 0.01
 # A connection the engine closes gets this long to write what was queued before it.
 _CLOSE_FLUSH = 2.0
 
@@ -188,6 +194,7 @@ class Server:
         self._stopping = False
         self._hurry = anyio.Event()
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._loop_relay: LoopRelayLike | None = None  # the relay's commands as loop callbacks
         self.addresses: list[Address] = []
         """The bound (host, port) of each listen address, set once ``serve`` has started."""
 
@@ -201,6 +208,7 @@ class Server:
         self._loop_thread = threading.get_ident()
         self._serving = True
         self._writer.start()
+        self._loop_relay = _loop_relay(self._relay)
         try:
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
@@ -218,6 +226,9 @@ class Server:
                 task_status.started(self.addresses)
         finally:
             self._serving = False
+            if self._loop_relay is not None:
+                self._loop_relay.close()
+                self._loop_relay = None
             self._run_calls()  # a call that raced the end gets an answer, not a timeout
             for write in self._writer.stop(self._options.store_timeout):
                 if isinstance(write.item, CallRecordData):
@@ -345,6 +356,10 @@ class Server:
                 while True:
                     item = await self._inputs.get()
                     deadline, timer_at = self._run_batch(item, deadline, timer_at)
+                    if anyio.current_time() >= timer_at:
+                        # Due during the batch: run it now. Left to the scope, it would
+                        # come as a cancellation, an exception thrown through the wait.
+                        deadline, timer_at = self._run_batch(None, deadline, timer_at)
                     if scope.deadline != timer_at:
                         scope.deadline = timer_at
             deadline, timer_at = self._run_batch(None, deadline, timer_at)
@@ -377,9 +392,7 @@ class Server:
                 # Every due timer was handled: a deadline that did not move is an
                 # engine bug (or handle_timer raised). Try again later, never in a spin.
                 timer_at = anyio.current_time() + _TIMER_BUG_BACKOFF
-            if taken >= self._options.udp_batch or (
-                deadline is not None and time.monotonic() >= deadline
-            ):
+            if taken >= self._options.udp_batch or anyio.current_time() >= timer_at:
                 return deadline, timer_at
             # Taken only once it will be fed: an input taken and then left behind
             # at the end of a batch would be lost (a datagram, or an account
@@ -443,22 +456,50 @@ class Server:
                     if not self._lookup_inline(action):
                         self._start(self._lookup_account, action)
                 case AllocateMedia():
-                    self._start(self._allocate_media, action)
+                    if self._loop_relay is None:
+                        self._start(self._allocate_media, action)
+                    else:
+                        self._loop_relay.allocate(
+                            action.call_ref,
+                            a_peer=action.a_peer,
+                            echo=action.echo,
+                            done=partial(self._guarded, self._allocated, action),
+                            deadline=self._options.relay_timeout,
+                        )
                 case UpdateMedia():
                     # The relay must know where the carrier's media goes before the
                     # client hears the 200 that follows, or its first RTP is lost.
-                    self._start(self._update_media, action, actions[index + 1 :])
+                    then = actions[index + 1 :]
+                    if self._loop_relay is None:
+                        self._start(self._update_media, action, then)
+                    else:
+                        self._loop_relay.update(
+                            action.call_ref,
+                            a_peer=action.a_peer,
+                            b_peer=action.b_peer,
+                            a_events=action.a_events,
+                            b_events=action.b_events,
+                            done=partial(self._guarded, self._updated, then),
+                            deadline=self._options.relay_timeout,
+                        )
                     return
                 case ReleaseMedia():
-                    self._start(self._release_media, action)
+                    if self._loop_relay is None:
+                        self._start(self._release_media, action)
+                    else:
+                        self._loop_relay.release(
+                            action.call_ref,
+                            done=partial(self._guarded, self._released, action),
+                            deadline=self._options.relay_timeout,
+                        )
                 case CallRecord():
                     if self._on_record is not None:
                         self._traced(self._on_record, action.record)
                     # Durability: what follows a record in the same list (typically the
                     # answer to a BYE) is performed only once the store has the record.
                     self._records_pending += 1
-                    then = partial(self._record_written, actions[index + 1 :])
-                    self._writer.submit(Write(action.record, then))
+                    written = partial(self._record_written, actions[index + 1 :])
+                    self._writer.submit(Write(action.record, written))
                     return
                 case Log():
                     self._emit(action)
@@ -826,27 +867,41 @@ class Server:
         self._counters["store_thread_lookups"] += 1
         await self._submit(partial(engine.account_found, action.token, account), "account")
 
+    # The relay's three operations. With a LoopRelay (asyncio) each is started in
+    # ``_perform`` and its outcome comes back to ``_allocated``, ``_updated`` or
+    # ``_released`` as a loop callback; otherwise a task awaits the relay (trio, or a
+    # relay without ``on_loop``) and hands the same outcome to the same method.
+
     async def _allocate_media(self, action: AllocateMedia) -> None:
-        engine, relay = self._engine, self._relay
         try:
-            if relay is None:
+            if self._relay is None:
                 raise MediaUnavailable("no media relay configured")
             allocation: MediaAllocation = await self._relay_call(
-                relay, "allocate", action.call_ref, a_peer=action.a_peer, echo=action.echo
+                self._relay, "allocate", action.call_ref, a_peer=action.a_peer, echo=action.echo
             )
         except Exception as exc:
-            self._backend_failed("relay", "allocate", exc)
-            reason = str(exc) or type(exc).__name__
-            await self._submit(partial(engine.media_failed, action.token, reason), "media")
+            self._allocated(action, None, exc)
             return
-        await self._submit(partial(engine.media_allocated, action.token, allocation), "media")
+        self._allocated(action, allocation, None)
+
+    def _allocated(
+        self, action: AllocateMedia, allocation: MediaAllocation | None, error: BaseException | None
+    ) -> None:
+        engine = self._engine
+        if allocation is None:
+            failure = error if isinstance(error, Exception) else MediaUnavailable("no allocation")
+            self._backend_failed("relay", "allocate", failure)
+            reason = str(failure) or type(failure).__name__
+            self._submit_soon(partial(engine.media_failed, action.token, reason), "media")
+        else:
+            self._submit_soon(partial(engine.media_allocated, action.token, allocation), "media")
 
     async def _update_media(self, action: UpdateMedia, then: Sequence[Action] = ()) -> None:
-        relay = self._relay
-        if relay is not None:
+        error: Exception | None = None
+        if self._relay is not None:
             try:
                 await self._relay_call(
-                    relay,
+                    self._relay,
                     "update",
                     action.call_ref,
                     a_peer=action.a_peer,
@@ -855,19 +910,44 @@ class Server:
                     b_events=action.b_events,
                 )
             except Exception as exc:
-                self._backend_failed("relay", "update", exc)
+                error = exc
+        self._updated(then, None, error)
+
+    def _updated(self, then: Sequence[Action], _: None, error: BaseException | None) -> None:
+        if isinstance(error, Exception):
+            self._backend_failed("relay", "update", error)
         self._perform(then)
 
     async def _release_media(self, action: ReleaseMedia) -> None:
-        relay = self._relay
-        if relay is None:
+        if self._relay is None:
             return
         try:
-            a_leg, b_leg = await self._relay_call(relay, "release", action.call_ref)
+            figures = await self._relay_call(self._relay, "release", action.call_ref)
         except Exception as exc:
-            self._backend_failed("relay", "release", exc)
+            self._released(action, None, exc)
             return
+        self._released(action, figures, None)
+
+    def _released(
+        self,
+        action: ReleaseMedia,
+        figures: tuple[MediaStats | None, MediaStats | None] | None,
+        error: BaseException | None,
+    ) -> None:
+        if figures is None:
+            if isinstance(error, Exception):
+                self._backend_failed("relay", "release", error)
+            return
+        a_leg, b_leg = figures
         self._writer.submit(Write((action.call_ref, a_leg, b_leg), None))
+
+    def _guarded(self, func: Callable[..., None], *args: Any) -> None:
+        """``func(*args)`` as a loop callback: an exception is a driver bug, counted and
+        logged; the loop goes on."""
+        try:
+            func(*args)
+        except Exception as exc:
+            self._driver_bug(exc)
 
     def _record_written(self, then: Sequence[Action]) -> None:
         self._records_pending -= 1
@@ -1036,6 +1116,54 @@ def _only_preempted(
 _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
 
 
+class LoopRelayLike(Protocol):
+    """What the driver uses of ``rtp_relay.LoopRelay`` (the relay's operations as
+    callbacks of the asyncio loop)."""
+
+    def allocate(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        echo: bool,
+        done: Callable[[Any, BaseException | None], None],
+        deadline: float | None = None,
+    ) -> None: ...
+
+    def update(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+        done: Callable[[Any, BaseException | None], None],
+        deadline: float | None = None,
+    ) -> None: ...
+
+    def release(
+        self,
+        call_ref: str,
+        *,
+        done: Callable[[Any, BaseException | None], None],
+        deadline: float | None = None,
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _loop_relay(relay: MediaRelay | None) -> LoopRelayLike | None:
+    """The relay's operations as callbacks of this asyncio loop, when the relay offers
+    them (``RelayClient.on_loop``); None on trio or for any other relay."""
+    loop = _asyncio_loop()
+    on_loop = getattr(relay, "on_loop", None)
+    if loop is None or on_loop is None:
+        return None
+    made: LoopRelayLike = on_loop(loop)
+    return made
+
+
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop (uvloop's too), or None on trio."""
     try:
@@ -1045,10 +1173,12 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _loop_deadline(deadline: float | None) -> float:
-    """A monotonic engine deadline on the event loop's clock (trio's clock has its own offset)."""
+    """A monotonic engine deadline on the event loop's clock (trio's clock has its own
+    offset), rounded up to ``_TIMER_GRAIN``."""
     if deadline is None:
         return math.inf
-    return anyio.current_time() + (deadline - time.monotonic())
+    at = anyio.current_time() + (deadline - time.monotonic())
+    return math.ceil(at / _TIMER_GRAIN) * _TIMER_GRAIN
 
 
 def _address(sockaddr: Any) -> Address:

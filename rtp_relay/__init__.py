@@ -7,18 +7,19 @@ per-stream figures (DESIGN.md §5). kx-sipd controls it through
 ``RelayClient``, which implements ``sansio_sip.MediaRelay``; the control
 protocol is described in docs/relay-protocol.md.
 
-Public API: ``RelayConfig``, ``RelayClient``, ``start_local_relay`` /
+Public API: ``RelayConfig``, ``RelayClient`` (and its ``LoopRelay``), ``start_local_relay`` /
 ``LocalRelay`` (relay as a child process), ``run_supervisor`` (relay in
 this process, for ``kx-sipd relay serve``) and ``RelayStartError``.
 """
 
-from ._client import RelayClient
+from ._client import LoopRelay, RelayClient
 from ._config import RelayConfig
 from ._local import LocalRelay, start_local_relay
 from ._supervisor import RelayStartError, run_supervisor
 
 __all__ = [
     "LocalRelay",
+    "LoopRelay",
     "RelayClient",
     "RelayConfig",
     "RelayStartError",

@@ -17,8 +17,12 @@ commands for a call go to the shard that allocated it.
 From an event loop. ``allocate_async``, ``update_async`` and
 ``release_async`` do the same over non-blocking sockets awaited with AnyIO,
 so a driver need not hand each call's three commands to worker threads (a
-thread hop costs more CPU than the command). Each operation is written once,
-as a generator of the commands it needs answered, and run by either client.
+thread hop costs more CPU than the command). On an asyncio loop (uvloop's
+too), ``on_loop(loop)`` goes further: a ``LoopRelay`` runs the commands as
+loop callbacks over one socket that stays registered with the loop, and
+calls back with each outcome: no task, cancel scope or reader registration
+per command. Each operation is written once, as a generator of the commands
+it needs answered, and run by any of the three.
 
 Reliability. A command is retransmitted after ``timeout`` seconds, up to
 ``retries`` times, as the *same* datagram (same cookie): the shard answers a
@@ -34,13 +38,14 @@ without media as "media-timeout".
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 import attrs
@@ -49,7 +54,7 @@ from sansio_sip import Address, MediaAllocation, MediaStats, MediaUnavailable
 
 from ._protocol import BadDatagram, open_datagram, seal
 
-__all__ = ["RelayClient"]
+__all__ = ["LoopRelay", "RelayClient"]
 
 LOG = logging.getLogger("rtp_relay.client")
 
@@ -398,6 +403,12 @@ class RelayClient:
         """``release`` from an event loop (AnyIO), without a worker thread."""
         return await self._run_async(self._release_steps(call_ref))
 
+    def on_loop(self, loop: asyncio.AbstractEventLoop) -> LoopRelay:
+        """The operations as callbacks on ``loop`` (asyncio or uvloop), for a
+        driver running there; see ``LoopRelay``. Call from the loop's thread."""
+        sock = self._pooled_socket()
+        return LoopRelay(self, loop, sock)
+
     def release(self, call_ref: str) -> tuple[MediaStats | None, MediaStats | None]:
         """Free a call's ports; its final (A-leg, B-leg) figures, or (None, None)
         when the relay lost the call or does not answer (logged)."""
@@ -551,6 +562,207 @@ class RelayClient:
             self._sockets.clear()
         self._pool = []
         self._local = threading.local()
+
+
+Outcome = Callable[[Any, BaseException | None], None]
+"""How a ``LoopRelay`` operation ends: called once with (result, None) or (None, error)."""
+
+
+class _Running:
+    """One operation of a ``LoopRelay`` under way: its steps and its command in flight."""
+
+    __slots__ = ("address", "attempts", "cookie", "datagram", "done", "expiry", "steps", "timer")
+
+    def __init__(self, steps: _Steps[Any], done: Outcome) -> None:
+        self.steps = steps
+        self.done = done
+        self.cookie = ""
+        self.datagram = b""
+        self.address: Address = ("", 0)
+        self.attempts = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+
+
+class LoopRelay:
+    """A ``RelayClient``'s operations run as callbacks of an asyncio loop.
+
+    ``allocate``, ``update`` and ``release`` start an operation and return at
+    once; ``done(result, None)`` or ``done(None, error)`` is called later, on
+    the loop, exactly once (never from inside the starting call), unless
+    ``close()`` comes first. The errors are those of the blocking client
+    (``MediaUnavailable``), and ``TimeoutError`` when the whole operation
+    outlasts ``deadline`` seconds. Commands go out of one socket that stays
+    registered with the loop; replies are matched to their operation by
+    cookie, and a command is retransmitted as the same datagram after the
+    client's ``timeout``, ``retries`` times, as in the other clients. The
+    table of calls is the client's, so ``expired()`` and the blocking calls
+    see what was done here. Not thread-safe: use it from the loop's thread.
+    """
+
+    def __init__(
+        self, client: RelayClient, loop: asyncio.AbstractEventLoop, sock: socket.socket
+    ) -> None:
+        self._client = client
+        self._loop = loop
+        self._sock = sock
+        self._runs: set[_Running] = set()
+        self._by_cookie: dict[str, _Running] = {}  # the command each run has in flight
+        self._closed = False
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def allocate(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        echo: bool,
+        done: Outcome,
+        deadline: float | None = None,
+    ) -> None:
+        """``RelayClient.allocate``; ``done`` gets the ``MediaAllocation``."""
+        self._begin(self._client._allocate_steps(call_ref, a_peer, echo), done, deadline)
+
+    def update(
+        self,
+        call_ref: str,
+        *,
+        a_peer: Address | None,
+        b_peer: Address | None,
+        a_events: int | None = None,
+        b_events: int | None = None,
+        done: Outcome,
+        deadline: float | None = None,
+    ) -> None:
+        """``RelayClient.update``; ``done`` gets None."""
+        steps = self._client._update_steps(call_ref, a_peer, b_peer, a_events, b_events)
+        self._begin(steps, done, deadline)
+
+    def release(self, call_ref: str, *, done: Outcome, deadline: float | None = None) -> None:
+        """``RelayClient.release``; ``done`` gets the (A-leg, B-leg) figures."""
+        self._begin(self._client._release_steps(call_ref), done, deadline)
+
+    @property
+    def running(self) -> int:
+        """Operations under way."""
+        return len(self._runs)
+
+    def close(self) -> None:
+        """Stop: the socket leaves the loop and is closed; operations under way
+        are dropped without a callback (as a cancelled task would be)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        for run in self._runs:
+            self._disarm(run)
+            run.steps.close()
+        self._runs.clear()
+        self._by_cookie.clear()
+        self._sock.close()
+
+    # -- the machinery -----------------------------------------------------------------
+
+    def _begin(self, steps: _Steps[Any], done: Outcome, deadline: float | None) -> None:
+        if self._closed:
+            raise RuntimeError("the LoopRelay is closed")
+        run = _Running(steps, done)
+        self._runs.add(run)
+        if deadline is not None:
+            run.expiry = self._loop.call_later(deadline, self._expire, run)
+        # Started from the loop, not here: the caller is told of the outcome only
+        # once it has returned, as from a task it started.
+        self._loop.call_soon(self._advance, run, None, True)
+
+    def _advance(self, run: _Running, reply: dict[str, Any] | None, first: bool = False) -> None:
+        """Give the operation its reply (None: none came), then send what it asks next
+        or end it."""
+        if run not in self._runs:
+            return  # closed, or past its deadline, meanwhile
+        try:
+            ask = next(run.steps) if first else run.steps.send(reply)
+        except StopIteration as finished:
+            self._finish(run, finished.value, None)
+            return
+        except Exception as exc:
+            self._finish(run, None, exc)
+            return
+        client = self._client
+        run.cookie, run.datagram = client._request(ask.op, **ask.fields)
+        run.address = ask.address
+        run.attempts = 1 + client.retries
+        self._by_cookie[run.cookie] = run
+        self._send(run)
+
+    def _send(self, run: _Running) -> None:
+        run.attempts -= 1
+        try:
+            self._sock.sendto(run.datagram, run.address)
+        except BlockingIOError:
+            pass  # a full send buffer: as a lost datagram, retransmitted
+        except OSError as exc:
+            LOG.debug("relay control send to %s failed: %s", run.address, exc)
+        run.timer = self._loop.call_later(self._client.timeout, self._no_reply, run)
+
+    def _no_reply(self, run: _Running) -> None:
+        run.timer = None
+        if run.attempts > 0:
+            self._send(run)
+            return
+        del self._by_cookie[run.cookie]
+        self._advance(run, None)
+
+    def _readable(self) -> None:
+        secret = self._client._secret
+        for _ in range(64):
+            try:
+                data = self._sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                continue  # an ICMP error about an earlier send
+            except OSError:
+                return  # closed under us
+            try:
+                reply = open_datagram(secret, data)
+            except BadDatagram:
+                continue
+            run = self._by_cookie.pop(reply["c"], None)
+            if run is None:
+                continue  # the reply to a retransmitted command already answered
+            if run.timer is not None:
+                run.timer.cancel()
+                run.timer = None
+            self._advance(run, reply)
+
+    def _expire(self, run: _Running) -> None:
+        run.expiry = None
+        if self._by_cookie.get(run.cookie) is run:
+            del self._by_cookie[run.cookie]
+        self._runs.discard(run)
+        self._disarm(run)
+        run.steps.close()
+        self._call(run, None, TimeoutError("relay operation deadline passed"))
+
+    def _finish(self, run: _Running, result: Any, error: BaseException | None) -> None:
+        self._runs.discard(run)
+        self._disarm(run)
+        self._call(run, result, error)
+
+    def _disarm(self, run: _Running) -> None:
+        for handle in (run.timer, run.expiry):
+            if handle is not None:
+                handle.cancel()
+        run.timer = run.expiry = None
+
+    @staticmethod
+    def _call(run: _Running, result: Any, error: BaseException | None) -> None:
+        done, run.done = run.done, _ended
+        done(result, error)
+
+
+def _ended(result: Any, error: BaseException | None) -> None:
+    """An operation's ``done`` once it has been called: never again."""
 
 
 def _media_stats(value: Any) -> MediaStats | None:
