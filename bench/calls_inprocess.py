@@ -22,7 +22,7 @@ one starts every 1/``--rate`` s and lasts ``--hold`` s, so about rate*hold
 calls are up at once and the transaction and call timers fire on the way.
 
 The replay runs with the cyclic collector as ``kx-sipd serve`` sets it
-(``--gc server``: start-up objects frozen, thresholds 50,000/10/10);
+(``--gc server``: start-up objects frozen, thresholds ``kx_sipd.app.GC_THRESHOLDS``);
 ``--gc default`` keeps CPython's 700/10/10.
 
 * ``--callgrind``: instructions per call (valgrind, replay of N minus replay

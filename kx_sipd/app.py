@@ -208,21 +208,27 @@ def _started(endpoint: ControlEndpoint, engine: Engine, server: Any, up: list[bo
     settle_gc()
 
 
-GC_THRESHOLDS = (50_000, 10, 10)
+GC_THRESHOLDS = (50_000, 100, 100)
 """The cyclic collector's thresholds while serving (CPython's default: 700, 10, 10).
 
-The REGISTER path creates no reference cycles: what it allocates is freed by
-reference counting, so a collection finds nothing and only walks what is
-alive, mostly lingering transactions (Timer J keeps each REGISTER's two
-transactions 32 s), about twenty objects each. With the default 700 a young
-collection ran every ~16 messages and full collections walked every live
-transaction: a quarter to a third of the CPU of a registration
-(bench/register_inprocess.py --profile). At 50,000 the collector runs ~70
-times less often. Cyclic garbage (ended calls, finished tasks, tracebacks)
-is still collected: it counts towards the thresholds like any allocation, so
-a young collection comes within 50,000 net allocations and a full one after
-5,000,000 (the default's ratios, scaled; CPython also waits for the old
-generation to grow by a quarter, as it does with the default)."""
+The REGISTER and call paths create no reference cycles: what they allocate
+is freed by reference counting, so a collection finds nothing and only walks
+what is alive: lingering transactions (Timer J keeps each REGISTER's two
+transactions 32 s), about twenty objects each, and the calls that are up,
+about 120 each. With the default 700 a young collection ran every ~16
+messages and full collections walked every live transaction: a quarter to a
+third of the CPU of a registration (bench/register_inprocess.py --profile).
+At 50,000 the young collection runs ~70 times less often. The middle
+generation's collection walks everything that survived the young ones since
+the last, about the whole live set: with 2,000 calls up, 0.1-0.5 s with the
+loop stopped. After every 10th young collection (the default's ratio), that
+was a pause every ~15 s at 200 calls/s, long enough for the clients'
+retransmissions (T1, 500 ms); after every 100th, about every 2.5 minutes.
+Cyclic garbage (finished tasks, tracebacks) is still collected: it counts
+towards the thresholds like any allocation, so a young collection comes
+within 50,000 net allocations, one of the middle generation after
+5,000,000, and a full one after 100 of those (CPython also waits for the old
+generation to grow by a quarter)."""
 
 
 def settle_gc() -> None:

@@ -144,7 +144,7 @@ class Call:
     a_request: Request
     original_offer: SessionDescription  # as the client sent it
     offer: SessionDescription  # filtered to what kx-sipd carries
-    record: CallRecordData  # as written at the start; completed by _finish
+    record: CallRecordData  # as written at the start (_finish writes the final one)
     echo: bool = False
     b: Leg | None = None
     b_invite: ClientTransaction | None = None
@@ -1067,7 +1067,10 @@ class CallManager:
                 out,
             )
         answered = call.answer_wall is not None
-        call.record = attrs.evolve(
+        # The final record goes to the driver and is not kept: an ended call lingers
+        # (its transactions absorb retransmissions for up to 64*T1), and with its
+        # ladder it would keep ~25 objects more each for the collector to walk.
+        record = attrs.evolve(
             call.record,
             b_call_id=call.b.call_id if call.b is not None else None,
             sent_digits=call.sent_digits,
@@ -1079,7 +1082,7 @@ class CallManager:
             reason=reason,
             ladder=_ladder_entries(call.ladder),
         )
-        out.append(CallRecord(record=call.record))
+        out.append(CallRecord(record=record))
         if answered:
             for leg in (call.a, call.b):
                 if leg is not None and leg is not skip and leg.remote_tag is not None:
@@ -1093,6 +1096,7 @@ class CallManager:
                 self._send_cancel(call, now, wall, out)
         call.state = CallState.ENDED
         call.retransmits.clear()
+        call.ladder = []
         if call.media is not None or call.media_token is not None:
             out.append(ReleaseMedia(call_ref=call.ref))
         if call.media_token is not None:
@@ -1112,8 +1116,8 @@ class CallManager:
                     ("call_id", call.a.call_id),
                     ("account", call.account.username),
                     ("ended_by", ended_by),
-                    ("status", call.record.final_status),
-                    ("duration", call.record.duration),
+                    ("status", record.final_status),
+                    ("duration", record.duration),
                 ),
             )
         )
@@ -1314,7 +1318,7 @@ class CallManager:
         data: bytes,
         wall: float,
     ) -> None:
-        if len(call.ladder) < self._config.ladder_limit:
+        if len(call.ladder) < self._config.ladder_limit and call.state is not CallState.ENDED:
             call.ladder.append((wall, direction, leg, peer, transport, data))
 
 

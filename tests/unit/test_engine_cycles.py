@@ -130,3 +130,31 @@ def test_registrations_leave_no_cycles(collector_paused: None) -> None:
     h.advance(64)
     assert len(h.engine._transactions) == 0
     assert sum(_garbage_types().values()) == 0
+
+
+def test_an_ended_call_lingering_with_its_transactions_keeps_no_ladder() -> None:
+    """An ended call stays reachable while its transactions absorb retransmissions
+    (64*T1); its ladder and final record went to the driver and must not stay
+    with it: at 200 calls/s that was ~5,000 ended calls' ladders for the collector
+    to walk (bench/calls_inprocess.py)."""
+    h = Harness.make(account(max_calls=100))
+    for n in range(3):
+        _call(h, n, client_hangs_up=n % 2 == 0)
+    assert h.engine.active_calls == 0
+    assert len(h.engine._transactions) > 0  # still lingering: the calls are reachable
+    assert all(record.end_wall for record in h.records.values())  # final records handed on
+    h.sent.clear()
+    h.logs.clear()
+    h.record_log.clear()
+    h.records.clear()
+    gc.collect()
+    from sansio_sip import CallRecordData, LadderEntry
+    from sansio_sip._call import Call
+
+    ended = [o for o in gc.get_objects() if isinstance(o, Call)]
+    assert len(ended) == 3
+    assert all(call.ladder == [] for call in ended)
+    assert all(call.record.ladder == () for call in ended)
+    assert not [o for o in gc.get_objects() if isinstance(o, LadderEntry)]
+    finals = [o for o in gc.get_objects() if isinstance(o, CallRecordData) and o.end_wall]
+    assert finals == []

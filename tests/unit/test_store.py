@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import attrs
 import pytest
 
 from kx_sipd import _schema
@@ -561,3 +562,13 @@ def test_a_refused_write_leaves_nothing_half_written(store: Store) -> None:
     locker.close()
     (entry,) = store.list_calls()
     assert entry.record.end_wall is None
+
+
+def test_the_stored_ladder_holds_every_field_of_an_entry() -> None:
+    """record_values writes each ladder entry field by field; a field added to
+    LadderEntry and not written would be lost from every record."""
+    from kx_sipd._rows import _ladder_dict
+
+    entry = ladder_entry(1_700_000_000.1, "INVITE sip:1@x SIP/2.0")
+    assert _ladder_dict(entry) == attrs.asdict(entry)
+    assert set(_ladder_dict(entry)) == {field.name for field in attrs.fields(LadderEntry)}
