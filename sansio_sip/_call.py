@@ -248,7 +248,7 @@ class CallManager:
             code, reason, headers = rejection or (488, "Not Acceptable Here", ())
             self._counters[f"calls.rejected.{code}"] += 1
             # Support needs the ladder of exactly these calls (guide §10).
-            ladder = [_entry("in", "A", source, transport, bytes(request), wall)]
+            ladder = [_entry("in", "A", source, transport, request.as_received(), wall)]
             for item in self._responder.respond(
                 transaction, request, code, reason, now=now, headers=headers
             ):
@@ -302,7 +302,7 @@ class CallManager:
             # Kept only where a calls-per-second limit needs them (trimmed by _check).
             self._recent_starts.setdefault(account.username, deque()).append(now)
         self._counters["calls.started"] += 1
-        self._ladder(call, "in", "A", source, transport, bytes(request), wall)
+        self._ladder(call, "in", "A", source, transport, request.as_received(), wall)
         self._arm(call, call.hangup_deadline)
         out.append(CallRecord(record=record))
         call.media_token = self._new_token()
@@ -494,7 +494,9 @@ class CallManager:
     ) -> None:
         b_leg = call.b
         assert b_leg is not None
-        self._ladder(call, "in", "B", b_leg.destination, b_leg.transport, bytes(response), wall)
+        self._ladder(
+            call, "in", "B", b_leg.destination, b_leg.transport, response.as_received(), wall
+        )
         if role == "invite":
             self._b_invite_response(call, b_leg, response, now, wall, out)
         elif role == "reinvite":
@@ -785,7 +787,9 @@ class CallManager:
         context = context_of(transaction)
         context.call = call
         context.account = call.account.username
-        self._ladder(call, "in", leg_name, source, transaction.transport, bytes(request), wall)
+        self._ladder(
+            call, "in", leg_name, source, transaction.transport, request.as_received(), wall
+        )
         if leg_name == "A":
             # NAT: the client's requests latch where we send ours (DESIGN §2).
             leg.destination = source
@@ -983,7 +987,9 @@ class CallManager:
         before = len(call.retransmits)
         call.retransmits = [r for r in call.retransmits if not (r.leg is leg and r.cseq == cseq)]
         if len(call.retransmits) != before:
-            self._ladder(call, "in", leg_name, source, call.a.transport, bytes(request), wall)
+            self._ladder(
+                call, "in", leg_name, source, call.a.transport, request.as_received(), wall
+            )
         if leg_name == "A" and call.state is CallState.ANSWERING:
             call.state = CallState.CONFIRMED
         return True
@@ -1194,7 +1200,7 @@ class CallManager:
         if role.kind == "reinvite" and call.reinvite is not None and call.reinvite.origin is call.b:
             # The re-INVITE went to the client (it came from the carrier).
             self._ladder(
-                call, "in", "A", call.a.destination, call.a.transport, bytes(response), wall
+                call, "in", "A", call.a.destination, call.a.transport, response.as_received(), wall
             )
             self._reinvite_response(call, response, now, wall, out)
             return

@@ -595,6 +595,20 @@ class _Message(abc.ABC):
         headers themselves are not changed."""
         return self._serialise()
 
+    def as_received(self) -> bytes:
+        """The bytes ``parse_message`` read this message from (without leading
+        CRLFs or bytes past Content-Length), while its start line, headers and
+        body are unchanged; otherwise, or for a message built here, ``bytes(self)``.
+        For ladders and logs, which show a message as it came, without
+        serialising it again."""
+        received = self.headers._cache.get("received")
+        if received is not None:
+            data, end, body, start_line = received
+            if body is self.body and start_line == self._start_line():
+                wire: bytes = data if end == len(data) else data[:end]
+                return wire
+        return self._serialise()
+
 
 class Request(_Message):
     """A SIP request. ``uri`` is the Request-URI text as received; equality
@@ -923,6 +937,8 @@ def parse_message(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Request |
     message.headers = headers
     message.body = body
     message.version = version
+    # For as_received(); a change to the headers drops the cache and with it this.
+    cache["received"] = (data, body_start + len(body), body, first_line)
     if "date" in present:
         for j in headers._key_positions("date"):
             if not _DATE.fullmatch(fields[j][2]):

@@ -365,9 +365,7 @@ def test_fields_split_at_other_separators_equal_the_usual_ones() -> None:
         .replace(b"CSeq: 7 INVITE", b"CSeq :  7 INVITE \t")
         .replace(b"Supported: 100rel", b"SUPPORTED:\t100rel  ")
     )
-    assert [(n.lower(), v) for n, v in spaced.headers] == [
-        (n.lower(), v) for n, v in usual.headers
-    ]
+    assert [(n.lower(), v) for n, v in spaced.headers] == [(n.lower(), v) for n, v in usual.headers]
     assert spaced.cseq == usual.cseq
     assert spaced.max_forwards == 70
     assert spaced.headers.get_all("supported") == ["replaces", "timer", "100rel"]
@@ -553,3 +551,53 @@ def test_mutated_messages_parse_or_raise_parse_error(at: int, cut: int, insert: 
         with contextlib.suppress(ParseError):
             getattr(message, accessor)
     assert parse_message(bytes(message)) == message
+
+
+# -- as_received -----------------------------------------------------------------
+
+_RECEIVED = (
+    b"\r\n\r\nINVITE sip:17752180264@sip.kx21.com SIP/2.0\r\n"
+    b"v: SIP/2.0/UDP 10.0.0.7:5060;branch=z9hG4bK-r1;rport\r\n"
+    b"f:<sip:acme@sip.kx21.com>;tag=a\r\n"
+    b"t: <sip:17752180264@sip.kx21.com>\r\n"
+    b"i: r1@10.0.0.7\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"l: 4\r\n"
+    b"\r\n"
+    b"abcdTRAILING"
+)
+
+
+def test_as_received_is_the_datagram_as_read_without_leading_crlf_or_trailing_bytes() -> None:
+    message = parse_message(_RECEIVED)
+    expected = _RECEIVED[4 : _RECEIVED.index(b"abcd") + 4]
+    assert message.as_received() == expected
+    # Serialising writes the same fields again, in their received names but
+    # with ": " after each: not the bytes that came.
+    assert bytes(message) != expected
+    assert parse_message(message.as_received()) == message
+
+
+def test_as_received_follows_any_change_to_the_message() -> None:
+    header_changed = parse_message(_RECEIVED)
+    header_changed.headers.add("Subject", "x")
+    body_changed = parse_message(_RECEIVED)
+    body_changed.body = b"wxyz"
+    uri_changed = parse_message(_RECEIVED)
+    assert isinstance(uri_changed, Request)
+    uri_changed.uri = "sip:1@elsewhere"
+    for changed in (header_changed, body_changed, uri_changed):
+        assert changed.as_received() == bytes(changed)
+    response = parse_message(b"SIP/2.0 180 Ringing\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK-1\r\n"
+                             b"From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>\r\nCall-ID: x\r\n"
+                             b"CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
+    assert isinstance(response, Response)
+    assert response.as_received() == bytes(response)
+    response.reason = "Ringing Loudly"
+    assert response.as_received() == bytes(response)
+    assert b"Ringing Loudly" in response.as_received()
+
+
+def test_a_message_built_here_is_its_serialisation() -> None:
+    built = Request("OPTIONS", "sip:x", [("Call-ID", "1"), ("CSeq", "1 OPTIONS")])
+    assert built.as_received() == bytes(built)
