@@ -9,7 +9,10 @@ The call rate steps up, each step offered for ``--secs`` seconds (default 30,
 so a 10 s call at R calls/s keeps about 10*R calls up at once). A step is
 *held* when no call failed or was left unfinished and the achieved rate was at
 least 98 % of the target; retransmissions are reported, not disqualifying.
-Printed: the highest rate held (every lower step held too), the peak
+Each step waits for a quiet machine (at most 15 % busy over a second, up to
+30 s), and a SUT that drops out has its processes stopped at once, so neither
+a previous step's wake nor a collapsed reference runs on the CPUs the next
+step needs. Printed: the highest rate held (every lower step held too), the peak
 concurrent calls SIPp saw, the server's on-CPU time per call (its process
 tree, relay shards included; per-thread schedstat via the anchors'
 ``anchorlib``).
@@ -163,6 +166,30 @@ def sippy_b2bua(directory: Path) -> Iterator[subprocess.Popen[bytes] | None]:
         log.close()
 
 
+def _busy_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(limit_s: float = 30.0, busy: float = 0.15) -> None:
+    """Before a step: wait (up to ``limit_s``) until the machine was at most ``busy``
+    busy over a second, so a step does not start in the previous one's wake (its
+    SUT's transactions still timing out, SIPp still exiting); say when it never was."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        before = _busy_jiffies()
+        time.sleep(1.0)
+        after = _busy_jiffies()
+        share = (after[0] - before[0]) / max(1, after[1] - before[1])
+        if share <= busy:
+            return
+        if time.monotonic() >= deadline:
+            print(f"{'':>9} (the machine stayed {100 * share:.0f} % busy before this step)")
+            return
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="50,100,150,200,250")
@@ -200,10 +227,15 @@ def main() -> int:
         servers: dict[str, tuple[int, Any, Any]] = {
             "kx-sipd": (kx_port, MainAndTreeCPU(kx.pid), anchorlib.TreeCPU(kx_uas.pid))
         }
+        # Each SUT's processes, stopped as soon as it drops out: a collapsed SUT goes
+        # on retransmitting and timing out for a while, on the CPUs the other's
+        # next steps need.
+        own: dict[str, contextlib.ExitStack] = {}
         if not args.no_sippy:
-            sippy = stack.enter_context(sippy_b2bua(directory))
+            own["sippy"] = stack.enter_context(contextlib.ExitStack())
+            sippy = own["sippy"].enter_context(sippy_b2bua(directory))
             if sippy is not None:
-                sippy_uas = stack.enter_context(
+                sippy_uas = own["sippy"].enter_context(
                     carrier_uas(directory, ANCHOR_CARRIER_PORT, total_s, "sippy")
                 )
                 servers["sippy"] = (
@@ -221,6 +253,7 @@ def main() -> int:
         for rate in rates:
             for label in list(active):
                 port, cpu, uas_cpu = servers[label]
+                wait_quiet()
                 first_snap = len(getattr(cpu, "main_snaps", ()))
                 step = run_step(
                     label=label,
@@ -253,6 +286,8 @@ def main() -> int:
                     )
                 if not ok:
                     active.remove(label)
+                    if label in own:
+                        own[label].close()
                 time.sleep(3.0)
             if not active:
                 break

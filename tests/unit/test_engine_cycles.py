@@ -143,6 +143,8 @@ def test_an_ended_call_lingering_with_its_transactions_keeps_no_ladder() -> None
     assert h.engine.active_calls == 0
     assert len(h.engine._transactions) > 0  # still lingering: the calls are reachable
     assert all(record.end_wall for record in h.records.values())  # final records handed on
+    refs = set(h.records)
+    assert len(refs) == 3
     h.sent.clear()
     h.logs.clear()
     h.record_log.clear()
@@ -151,10 +153,15 @@ def test_an_ended_call_lingering_with_its_transactions_keeps_no_ladder() -> None
     from sansio_sip import CallRecordData, LadderEntry
     from sansio_sip._call import Call
 
-    ended = [o for o in gc.get_objects() if isinstance(o, Call)]
+    ended = [o for o in gc.get_objects() if isinstance(o, Call) and o.ref in refs]
     assert len(ended) == 3
     assert all(call.ladder == [] for call in ended)
     assert all(call.record.ladder == () for call in ended)
-    assert not [o for o in gc.get_objects() if isinstance(o, LadderEntry)]
-    finals = [o for o in gc.get_objects() if isinstance(o, CallRecordData) and o.end_wall]
-    assert finals == []
+    kept = [o for o in gc.get_objects() if isinstance(o, CallRecordData) and o.call_ref in refs]
+    assert all(record.end_wall is None and record.ladder == () for record in kept)
+    entries = [o for o in gc.get_objects() if isinstance(o, LadderEntry)]
+    assert not [e for e in entries if any(r in e.message for r in ended_call_ids(ended))]
+
+
+def ended_call_ids(calls: list[object]) -> set[str]:
+    return {call.a.call_id for call in calls}  # type: ignore[attr-defined]
