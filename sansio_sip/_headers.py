@@ -257,8 +257,13 @@ def _three_params(
 
 
 def _has(params: Params, name: str) -> bool:
+    # A loop rather than any() over a generator: asked of every request's Via
+    # (has_rport), where the generator's frame cost more than the look-up.
     lname = name.lower()
-    return any(key.lower() == lname for key, _ in params)
+    for key, _ in params:
+        if key == lname or key.lower() == lname:
+            return True
+    return False
 
 
 def _replace_params(params: Params, updates: list[tuple[str, str | None]]) -> Params:
