@@ -43,10 +43,16 @@ from sansio_sip import AccountStore, CallRecordData, MediaStats
 
 __all__ = ["BATCH_MAX", "BATCH_WINDOW", "StoreWriter", "Write"]
 
-BATCH_WINDOW: Final = 0.005
-"""Seconds a batch gathers after its first write (batching stores only): at 200
-calls/s, ~600 writes/s, about four share a commit; 5 ms more before a call's
-B-leg INVITE and before the answer to its BYE is nothing against SIP's 500 ms T1."""
+BATCH_WINDOW: Final = 0.05
+"""Seconds a batch gathers after its first write (batching stores only). This
+thread shares the interpreter with the loop: each batch costs a commit (its
+fsync ~250 us of CPU) and a wake-up of the loop, and every hop of the GIL
+between the two threads slows the loop. At 200 calls/s (~600 writes/s), 5 ms
+gathered about 3 writes a batch and this thread took 0.70 ms of CPU per call;
+50 ms gathers ~30, and it takes 0.35 ms, the loop's thread 0.27 ms less
+(bench/calls.py, per-thread CPU). The cost is 50 ms at most before a call's
+B-leg INVITE (its first record is durable first) and before the answer to its
+BYE: nothing against SIP's 500 ms T1, or against a post-dial delay."""
 
 BATCH_MAX: Final = 256
 """Writes per batch at most: one transaction stays short under a backlog."""
