@@ -260,7 +260,7 @@ def _has(params: Params, name: str) -> bool:
     # A loop rather than any() over a generator: asked of every request's Via
     # (has_rport), where the generator's frame cost more than the look-up.
     lname = name.lower()
-    for key, _ in params:
+    for key, _ in params:  # noqa: SIM110 (see above)
         if key == lname or key.lower() == lname:
             return True
     return False
