@@ -805,8 +805,10 @@ class CallManager:
                 wall,
                 out,
                 skip=leg,
+                answer=lambda after: self._respond_in_call(
+                    call, transaction, request, 200, "OK", now, wall, after
+                ),
             )
-            self._respond_in_call(call, transaction, request, 200, "OK", now, wall, out)
             return
         if method == "INVITE":
             self._reinvite(call, leg, transaction, request, now, wall, out)
@@ -1052,11 +1054,14 @@ class CallManager:
         out: list[Action],
         *,
         skip: Leg | None = None,
+        answer: Callable[[list[Action]], object] | None = None,
     ) -> None:
         """Write the final record, hang up the legs still up, free everything.
 
         The record comes first in ``out``: the driver makes it durable before it
-        performs what follows (the 200 to a BYE), so no finished call is lost.
+        performs what follows (the BYE or CANCEL to the other side, and
+        ``answer``'s actions: the 200 to a BYE), so no finished call is lost.
+        Those messages are made first, so that the record's ladder has them.
         """
         if call.state is CallState.ENDED:
             return
@@ -1073,6 +1078,20 @@ class CallManager:
                 out,
             )
         answered = call.answer_wall is not None
+        after: list[Action] = []
+        if answered:
+            for leg in (call.a, call.b):
+                if leg is not None and leg is not skip and leg.remote_tag is not None:
+                    self._bye(call, leg, now, wall, after)
+        elif call.b_invite is not None and (call.b_invite.last_status or 0) < 200:
+            # §9.1: a CANCEL only for an INVITE with no final answer yet, and
+            # only after a provisional one; without one it goes out with the
+            # first, or a 2xx gets ACK and BYE, or Timer B ends it.
+            call.cancelled = True
+            if call.provisional_seen:
+                self._send_cancel(call, now, wall, after)
+        if answer is not None:
+            answer(after)
         # The final record goes to the driver and is not kept: an ended call lingers
         # (its transactions absorb retransmissions for up to 64*T1), and with its
         # ladder it would keep ~25 objects more each for the collector to walk.
@@ -1089,17 +1108,7 @@ class CallManager:
             ladder=_ladder_entries(call.ladder),
         )
         out.append(CallRecord(record=record))
-        if answered:
-            for leg in (call.a, call.b):
-                if leg is not None and leg is not skip and leg.remote_tag is not None:
-                    self._bye(call, leg, now, wall, out)
-        elif call.b_invite is not None and (call.b_invite.last_status or 0) < 200:
-            # §9.1: a CANCEL only for an INVITE with no final answer yet, and
-            # only after a provisional one; without one it goes out with the
-            # first, or a 2xx gets ACK and BYE, or Timer B ends it.
-            call.cancelled = True
-            if call.provisional_seen:
-                self._send_cancel(call, now, wall, out)
+        out.extend(after)
         call.state = CallState.ENDED
         call.retransmits.clear()
         call.ladder = []

@@ -130,6 +130,15 @@ def test_ringing_answer_ack_and_client_bye() -> None:
     assert record.answer_wall is not None and record.codec == "PCMA"
     assert record.b_call_id == b_invite.call_id and record.sent_digits == DIGITS
     assert any(e.message.startswith("BYE") for e in record.ladder)
+    # The ladder has the hang-up whole as far as kx-sipd took part before the record
+    # was written: the client's BYE, the BYE sent on to the carrier, the 200 to the
+    # client (the carrier's 200 comes after the record).
+    last = [(e.direction, e.leg, e.message.split("\r\n", 1)[0]) for e in record.ladder[-3:]]
+    assert last == [
+        ("in", "A", "BYE sip:203.0.113.1:5060 SIP/2.0"),
+        ("out", "B", f"BYE {bye_b.uri} SIP/2.0"),
+        ("out", "A", "SIP/2.0 200 OK"),
+    ]
     assert h.engine.active_calls == 0 and h.released
 
 
@@ -150,7 +159,13 @@ def test_carrier_hangs_up() -> None:
     assert bye_a.method == "BYE" and bye_a.call_id == a_invite.call_id
     assert bye_a.uri == "sip:acme@10.0.0.7:5060;transport=udp"  # the Contact
     assert bye_a.to.tag == "ftag1" and bye_a.from_.tag == ok.to.tag
-    assert h.record_log[-1].ended_by == "carrier"
+    record = h.record_log[-1]
+    assert record.ended_by == "carrier"
+    assert [(e.direction, e.leg, e.message.split(" ", 1)[0]) for e in record.ladder[-3:]] == [
+        ("in", "B", "BYE"),
+        ("out", "A", "BYE"),
+        ("out", "B", "SIP/2.0"),
+    ]
 
 
 def test_cancel_before_answer() -> None:
