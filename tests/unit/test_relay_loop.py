@@ -11,7 +11,10 @@ retransmitted as the same datagram; a forged or stale reply changes nothing;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +46,7 @@ class ScriptedRelay:
         self.answer = answer
         self.received: list[tuple[dict[str, Any], bytes]] = []
         self.peer: tuple[str, int] = ("", 0)  # where the last request came from
+        self.peers: list[tuple[str, int]] = []
 
     def serve(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_reader(self.sock.fileno(), self._readable)
@@ -364,3 +368,89 @@ def test_against_a_real_relay_many_calls_at_once(flavour: str, local_relay: Rela
             on_loop.close()
 
     _run(flavour, main)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_io_anyio_runs_the_relays_commands_as_loop_callbacks_on_asyncio(backend: str) -> None:
+    """io_anyio with a RelayClient: on asyncio its commands go through a LoopRelay
+    (one socket, registered with the loop, for every command), on trio through the
+    async client's pooled sockets; either way the engine gets the allocation, and a
+    silent relay becomes media_failed within relay_timeout."""
+    import anyio.from_thread
+    from driver_fakes import FakeEngine, FakeStore
+
+    import io_anyio
+
+    relay = ScriptedRelay(lambda r: None)
+    relay.answer = _shard_answers(relay.address[1])
+    replies: list[bytes] = []
+    engine = FakeEngine()
+    client = RelayClient(relay.address, SECRET, timeout=0.05, retries=1)
+    server = io_anyio.Server(
+        engine,
+        store=FakeStore(),
+        relay=client,
+        options=io_anyio.DriverOptions(
+            listen=(("127.0.0.1", 0),), handle_signals=False, relay_timeout=0.5
+        ),
+    )
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone.settimeout(5)
+    stop = threading.Event()
+
+    def relay_thread() -> None:  # the scripted relay answers from its own thread
+        relay.sock.setblocking(True)
+        relay.sock.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                _readable_blocking(relay)
+
+    answering = threading.Thread(target=relay_thread, daemon=True)
+    answering.start()
+    try:
+        with anyio.from_thread.start_blocking_portal(backend) as portal:
+            future, addresses = portal.start_task(server.serve)
+            try:
+                phone.sendto(b"ALLOC", addresses[0])
+                replies.append(phone.recv(1000))
+                loop_relay = server._loop_relay
+                phone.sendto(b"RELEASE call-1", addresses[0])
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not any(
+                    request["op"] == "delete" for request, _ in list(relay.received)
+                ):
+                    time.sleep(0.01)
+                relay.answer = _shard_answers(relay.address[1], allocate=None)
+                phone.sendto(b"ALLOC", addresses[0])
+                replies.append(phone.recv(1000))
+            finally:
+                portal.call(server.shutdown)
+                future.result(timeout=30)
+    finally:
+        stop.set()
+        answering.join(5)
+        phone.close()
+        relay.sock.close()
+        client.close()
+    assert replies[0] == b"ALLOCATED 30000"
+    assert replies[1].startswith(b"MEDIA-FAILED")
+    ops = [request["op"] for request, _ in relay.received]
+    assert ops[:3] == ["info", "allocate", "delete"]
+    assert ops[3:] == ["allocate"] * (len(ops) - 3) and len(ops) > 3
+    senders = set(relay.peers)
+    if backend == "asyncio":
+        assert isinstance(loop_relay, LoopRelay)
+        assert len(senders) == 1  # every command from the LoopRelay's one socket
+    else:
+        assert loop_relay is None
+    assert server._loop_relay is None  # closed with the server
+
+
+def _readable_blocking(self: ScriptedRelay) -> None:
+    data, peer = self.sock.recvfrom(65535)
+    request = open_datagram(SECRET, data)
+    self.received.append((request, data))
+    self.peers.append(peer)
+    fields = self.answer(request)
+    if fields is not None:
+        self.sock.sendto(seal(SECRET, {"c": request["c"], **fields}), peer)
