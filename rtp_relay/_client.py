@@ -688,7 +688,12 @@ class LoopRelay:
             self._finish(run, None, exc)
             return
         client = self._client
-        run.cookie, run.datagram = client._request(ask.op, **ask.fields)
+        try:
+            run.cookie, run.datagram = client._request(ask.op, **ask.fields)
+        except Exception as exc:  # a command too large to send (BadDatagram): it fails
+            run.steps.close()
+            self._finish(run, None, MediaUnavailable(f"relay {ask.op} not sent: {exc}"))
+            return
         run.address = ask.address
         run.attempts = 1 + client.retries
         self._by_cookie[run.cookie] = run

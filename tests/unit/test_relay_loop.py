@@ -454,3 +454,17 @@ def _readable_blocking(self: ScriptedRelay) -> None:
     fields = self.answer(request)
     if fields is not None:
         self.sock.sendto(seal(SECRET, {"c": request["c"], **fields}), peer)
+
+
+@pytest.mark.parametrize("flavour", ["asyncio", "uvloop"])
+def test_a_command_that_cannot_be_sealed_fails_the_operation(flavour: str) -> None:
+    async def body(on_loop: LoopRelay, relay: ScriptedRelay, out: Outcomes, client: RelayClient):
+        on_loop.allocate("x" * 70_000, a_peer=None, echo=False, done=out.done("a"))
+        await out.wait(1)
+        ((_, result, error),) = out.got
+        assert result is None
+        assert isinstance(error, MediaUnavailable)
+        assert "not sent" in str(error)
+        assert on_loop.running == 0
+
+    _scripted(flavour, body)
