@@ -41,18 +41,34 @@ from typing import Final
 
 from sansio_sip import AccountStore, CallRecordData, MediaStats
 
-__all__ = ["BATCH_MAX", "BATCH_WINDOW", "StoreWriter", "Write"]
+__all__ = [
+    "BATCH_MAX",
+    "BATCH_WINDOW",
+    "BATCH_WINDOW_MIN",
+    "StoreWriter",
+    "Write",
+    "batch_window",
+]
 
 BATCH_WINDOW: Final = 0.05
-"""Seconds a batch gathers after its first write (batching stores only). This
-thread shares the interpreter with the loop: each batch costs a commit (its
-fsync ~250 us of CPU) and a wake-up of the loop, and every hop of the GIL
+"""Seconds a batch gathers after its first write at most (batching stores only);
+how long it gathers is ``BATCH_WINDOW_PER_RATE`` times the rate writes came at
+since the last batch, between ``BATCH_WINDOW_MIN`` and this.
+
+This thread shares the interpreter with the loop: each batch costs a commit
+(its fsync ~250 us of CPU) and a wake-up of the loop, and every hop of the GIL
 between the two threads slows the loop. At 200 calls/s (~600 writes/s), 5 ms
 gathered about 3 writes a batch and this thread took 0.70 ms of CPU per call;
 50 ms gathers ~30, and it takes 0.35 ms, the loop's thread 0.27 ms less
-(bench/calls.py, per-thread CPU). The cost is 50 ms at most before a call's
-B-leg INVITE (its first record is durable first) and before the answer to its
-BYE: nothing against SIP's 500 ms T1, or against a post-dial delay."""
+(bench/calls.py, per-thread CPU). What waits for a batch is a call's B-leg
+INVITE (its first record is durable first) and the answer to its BYE: 50 ms is
+nothing against SIP's 500 ms T1 or a post-dial delay, but where there is no
+load to share a commit with, waiting buys nothing, so a quiet server waits 5 ms."""
+
+BATCH_WINDOW_MIN: Final = 0.005
+BATCH_WINDOW_PER_RATE: Final = 1 / 6_000
+"""Seconds of gathering per write/s of rate: from 300 writes/s (100 calls/s) a
+batch gathers the full 50 ms, below 30 writes/s (10 calls/s) the 5 ms minimum."""
 
 BATCH_MAX: Final = 256
 """Writes per batch at most: one transaction stays short under a backlog."""
@@ -88,6 +104,11 @@ class Write:
             store.attach_media_stats(*self.item)
 
 
+def batch_window(rate: float) -> float:
+    """How long a batch gathers when writes came at ``rate`` per second."""
+    return min(BATCH_WINDOW, max(BATCH_WINDOW_MIN, rate * BATCH_WINDOW_PER_RATE))
+
+
 class StoreWriter:
     """Writes to ``store`` in a thread of its own, in order, in batches.
 
@@ -119,6 +140,8 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._idle = False  # the thread waits for a first write: wake it
+        self._submitted = 0  # writes queued since the last batch was taken
+        self._taken_at = time.monotonic()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,6 +153,7 @@ class StoreWriter:
         """Queue a write (from the loop; returns at once)."""
         with self._lock:
             self._queue.append(write)
+            self._submitted += 1
             if self._idle or len(self._queue) >= BATCH_MAX:
                 self._idle = False
                 self._wake.notify()
@@ -176,14 +200,17 @@ class StoreWriter:
             self._idle = False
             if not self._queue:
                 return None  # stopping: stop() hands back what is waiting for a retry
+            now = time.monotonic()
+            rate = self._submitted / max(now - self._taken_at, 0.001)
             if self._write_batch is not None and not self._stopping.is_set():
-                deadline = time.monotonic() + BATCH_WINDOW
+                deadline = now + batch_window(rate)
                 while len(self._queue) < BATCH_MAX and not self._stopping.is_set():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
             self._writing, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+            self._submitted, self._taken_at = len(self._queue), time.monotonic()
             return list(self._writing)
 
     def _write_new(self, batch: list[Write]) -> None:

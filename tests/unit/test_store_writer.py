@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
+import pytest
 from driver_fakes import FakeStore, make_record
 
 from io_anyio._writer import StoreWriter, Write
@@ -182,3 +183,17 @@ def test_stop_hands_back_what_a_failing_store_did_not_take() -> None:
     left = writer.stop(WAIT)
     assert [write.item for write in left] == [first, second]
     assert loop.done == [] and store.records == []
+
+
+def test_a_batch_gathers_longer_the_faster_writes_come() -> None:
+    """A quiet server waits the minimum for company that is not coming; at 200
+    calls/s (~600 writes/s) a batch gathers the full window."""
+    from io_anyio._writer import BATCH_WINDOW, BATCH_WINDOW_MIN, batch_window
+
+    assert batch_window(0.0) == BATCH_WINDOW_MIN == 0.005
+    assert batch_window(10.0) == BATCH_WINDOW_MIN
+    assert batch_window(600.0) == pytest.approx(BATCH_WINDOW) and BATCH_WINDOW == 0.05
+    assert batch_window(100_000.0) == BATCH_WINDOW
+    windows = [batch_window(rate) for rate in range(0, 1000, 10)]
+    assert windows == sorted(windows)
+    assert BATCH_WINDOW_MIN < batch_window(150.0) < BATCH_WINDOW
