@@ -53,7 +53,7 @@ __all__ = [
 BATCH_WINDOW: Final = 0.05
 """Seconds a batch gathers after its first write at most (batching stores only);
 how long it gathers is ``BATCH_WINDOW_PER_RATE`` times the rate writes came at
-since the last batch, between ``BATCH_WINDOW_MIN`` and this.
+(counted over a second or more), between ``BATCH_WINDOW_MIN`` and this.
 
 This thread shares the interpreter with the loop: each batch costs a commit
 (its fsync ~250 us of CPU) and a wake-up of the loop, and every hop of the GIL
@@ -140,8 +140,11 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._idle = False  # the thread waits for a first write: wake it
-        self._submitted = 0  # writes queued since the last batch was taken
-        self._taken_at = time.monotonic()
+        # The write rate, counted over a second or more: a burst of a few writes
+        # close together is no load to gather a batch for.
+        self._submitted = 0
+        self._counting_since = time.monotonic()
+        self._rate = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -201,16 +204,17 @@ class StoreWriter:
             if not self._queue:
                 return None  # stopping: stop() hands back what is waiting for a retry
             now = time.monotonic()
-            rate = self._submitted / max(now - self._taken_at, 0.001)
+            if now - self._counting_since >= 1.0:
+                self._rate = self._submitted / (now - self._counting_since)
+                self._submitted, self._counting_since = 0, now
             if self._write_batch is not None and not self._stopping.is_set():
-                deadline = now + batch_window(rate)
+                deadline = now + batch_window(self._rate)
                 while len(self._queue) < BATCH_MAX and not self._stopping.is_set():
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._wake.wait(left)
             self._writing, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
-            self._submitted, self._taken_at = len(self._queue), time.monotonic()
             return list(self._writing)
 
     def _write_new(self, batch: list[Write]) -> None:

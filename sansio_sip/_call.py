@@ -1058,8 +1058,8 @@ class CallManager:
     ) -> None:
         """Write the final record, hang up the legs still up, free everything.
 
-        The record comes first in ``out``: the driver makes it durable before it
-        performs what follows (the BYE or CANCEL to the other side, and
+        The record comes before the messages in ``out`` (only the relay's release
+        is ahead of it): the driver makes it durable before it performs what follows (the BYE or CANCEL to the other side, and
         ``answer``'s actions: the 200 to a BYE), so no finished call is lost.
         Those messages are made first, so that the record's ladder has them.
         """
@@ -1107,13 +1107,15 @@ class CallManager:
             reason=reason,
             ladder=_ladder_entries(call.ladder),
         )
+        if call.media is not None or call.media_token is not None:
+            # Ahead of the record: freeing the relay's ports need not wait until the
+            # record is durable (the relay's figures are written after it all the same).
+            out.append(ReleaseMedia(call_ref=call.ref))
         out.append(CallRecord(record=record))
         out.extend(after)
         call.state = CallState.ENDED
         call.retransmits.clear()
         call.ladder = []
-        if call.media is not None or call.media_token is not None:
-            out.append(ReleaseMedia(call_ref=call.ref))
         if call.media_token is not None:
             self._by_media_token.pop(call.media_token, None)
         self._counters[f"calls.ended.{ended_by}"] += 1
