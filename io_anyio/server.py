@@ -97,6 +97,8 @@ __all__ = ["DrivenEngine", "MessageTrace", "Server", "serve"]
 
 T = TypeVar("T")
 LogSink = Callable[[Log], None]
+Outcome = Callable[[Any, "Exception | None"], None]
+"""How a relay operation ends: (result, None) or (None, error)."""
 RecordSink = Callable[[CallRecordData], None]
 
 # After an engine bug in handle_timer the deadline has not moved; retry it this
@@ -457,42 +459,28 @@ class Server:
                     if not self._lookup_inline(action):
                         self._start(self._lookup_account, action)
                 case AllocateMedia():
-                    if self._loop_relay is None:
-                        self._start(self._allocate_media, action)
-                    else:
-                        self._loop_relay.allocate(
-                            action.call_ref,
-                            a_peer=action.a_peer,
-                            echo=action.echo,
-                            done=partial(self._guarded, self._allocated, action),
-                            deadline=self._options.relay_timeout,
-                        )
+                    self._relay_op(
+                        "allocate",
+                        partial(self._allocated, action),
+                        action.call_ref,
+                        a_peer=action.a_peer,
+                        echo=action.echo,
+                    )
                 case UpdateMedia():
                     # The relay must know where the carrier's media goes before the
                     # client hears the 200 that follows, or its first RTP is lost.
-                    then = actions[index + 1 :]
-                    if self._loop_relay is None:
-                        self._start(self._update_media, action, then)
-                    else:
-                        self._loop_relay.update(
-                            action.call_ref,
-                            a_peer=action.a_peer,
-                            b_peer=action.b_peer,
-                            a_events=action.a_events,
-                            b_events=action.b_events,
-                            done=partial(self._guarded, self._updated, then),
-                            deadline=self._options.relay_timeout,
-                        )
+                    self._relay_op(
+                        "update",
+                        partial(self._updated, actions[index + 1 :]),
+                        action.call_ref,
+                        a_peer=action.a_peer,
+                        b_peer=action.b_peer,
+                        a_events=action.a_events,
+                        b_events=action.b_events,
+                    )
                     return
                 case ReleaseMedia():
-                    if self._loop_relay is None:
-                        self._start(self._release_media, action)
-                    else:
-                        self._loop_relay.release(
-                            action.call_ref,
-                            done=partial(self._guarded, self._released, action),
-                            deadline=self._options.relay_timeout,
-                        )
+                    self._relay_op("release", partial(self._released, action), action.call_ref)
                 case CallRecord():
                     if self._on_record is not None:
                         self._traced(self._on_record, action.record)
@@ -868,79 +856,65 @@ class Server:
         self._counters["store_thread_lookups"] += 1
         await self._submit(partial(engine.account_found, action.token, account), "account")
 
-    # The relay's three operations. With a LoopRelay (asyncio) each is started in
-    # ``_perform`` and its outcome comes back to ``_allocated``, ``_updated`` or
-    # ``_released`` as a loop callback; otherwise a task awaits the relay (trio, or a
-    # relay without ``on_loop``) and hands the same outcome to the same method.
+    # The relay's three operations: started by ``_relay_op``, their outcome, a
+    # (result, error) pair, comes to ``_allocated``, ``_updated`` or ``_released``.
 
-    async def _allocate_media(self, action: AllocateMedia) -> None:
-        try:
-            if self._relay is None:
-                raise MediaUnavailable("no media relay configured")
-            allocation: MediaAllocation = await self._relay_call(
-                self._relay, "allocate", action.call_ref, a_peer=action.a_peer, echo=action.echo
+    def _relay_op(self, name: str, done: Outcome, *args: Any, **kwargs: Any) -> None:
+        """Start the relay's ``name`` operation, ``done`` to be called with its outcome
+        within ``relay_timeout``: as callbacks of the loop through the LoopRelay
+        (asyncio, and a relay that offers ``on_loop``), else in a task
+        (``_relay_call``). Either way ``done`` runs guarded, as a loop callback does."""
+        outcome = partial(self._guarded, done)
+        if self._loop_relay is not None:
+            operation = getattr(self._loop_relay, name)
+            operation(*args, done=outcome, deadline=self._options.relay_timeout, **kwargs)
+        else:
+            self._start(self._relay_task, name, outcome, args, kwargs)
+
+    async def _relay_task(
+        self, name: str, done: Outcome, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if self._relay is None:
+            # Without a relay nothing is allocated, and so nothing is to be updated or freed.
+            done(
+                None, MediaUnavailable("no media relay configured") if name == "allocate" else None
             )
-        except Exception as exc:
-            self._allocated(action, None, exc)
             return
-        self._allocated(action, allocation, None)
+        try:
+            result = await self._relay_call(self._relay, name, *args, **kwargs)
+        except Exception as exc:
+            done(None, exc)
+            return
+        done(result, None)
 
     def _allocated(
-        self, action: AllocateMedia, allocation: MediaAllocation | None, error: BaseException | None
+        self, action: AllocateMedia, allocation: MediaAllocation | None, error: Exception | None
     ) -> None:
         engine = self._engine
-        if allocation is None:
-            failure = error if isinstance(error, Exception) else MediaUnavailable("no allocation")
-            self._backend_failed("relay", "allocate", failure)
-            reason = str(failure) or type(failure).__name__
+        if error is not None:
+            self._backend_failed("relay", "allocate", error)
+            reason = str(error) or type(error).__name__
             self._submit_soon(partial(engine.media_failed, action.token, reason), "media")
-        else:
-            self._submit_soon(partial(engine.media_allocated, action.token, allocation), "media")
+            return
+        assert allocation is not None
+        self._submit_soon(partial(engine.media_allocated, action.token, allocation), "media")
 
-    async def _update_media(self, action: UpdateMedia, then: Sequence[Action] = ()) -> None:
-        error: Exception | None = None
-        if self._relay is not None:
-            try:
-                await self._relay_call(
-                    self._relay,
-                    "update",
-                    action.call_ref,
-                    a_peer=action.a_peer,
-                    b_peer=action.b_peer,
-                    a_events=action.a_events,
-                    b_events=action.b_events,
-                )
-            except Exception as exc:
-                error = exc
-        self._updated(then, None, error)
-
-    def _updated(self, then: Sequence[Action], _: None, error: BaseException | None) -> None:
-        if isinstance(error, Exception):
+    def _updated(self, then: Sequence[Action], _: None, error: Exception | None) -> None:
+        if error is not None:
             self._backend_failed("relay", "update", error)
         self._perform(then)
-
-    async def _release_media(self, action: ReleaseMedia) -> None:
-        if self._relay is None:
-            return
-        try:
-            figures = await self._relay_call(self._relay, "release", action.call_ref)
-        except Exception as exc:
-            self._released(action, None, exc)
-            return
-        self._released(action, figures, None)
 
     def _released(
         self,
         action: ReleaseMedia,
         figures: tuple[MediaStats | None, MediaStats | None] | None,
-        error: BaseException | None,
+        error: Exception | None,
     ) -> None:
-        if figures is None:
-            if isinstance(error, Exception):
-                self._backend_failed("relay", "release", error)
-            return
-        a_leg, b_leg = figures
-        self._writer.submit(Write((action.call_ref, a_leg, b_leg), None))
+        if error is not None:
+            self._backend_failed("relay", "release", error)
+        if figures is not None:
+            a_leg, b_leg = figures
+            self._writer.submit(Write((action.call_ref, a_leg, b_leg), None))
 
     def _guarded(self, func: Callable[..., None], *args: Any) -> None:
         """``func(*args)`` as a loop callback: an exception is a driver bug, counted and
@@ -1127,7 +1101,7 @@ class LoopRelayLike(Protocol):
         *,
         a_peer: Address | None,
         echo: bool,
-        done: Callable[[Any, BaseException | None], None],
+        done: Outcome,
         deadline: float | None = None,
     ) -> None: ...
 
@@ -1139,7 +1113,7 @@ class LoopRelayLike(Protocol):
         b_peer: Address | None,
         a_events: int | None = None,
         b_events: int | None = None,
-        done: Callable[[Any, BaseException | None], None],
+        done: Outcome,
         deadline: float | None = None,
     ) -> None: ...
 
@@ -1147,7 +1121,7 @@ class LoopRelayLike(Protocol):
         self,
         call_ref: str,
         *,
-        done: Callable[[Any, BaseException | None], None],
+        done: Outcome,
         deadline: float | None = None,
     ) -> None: ...
 

@@ -564,7 +564,7 @@ class RelayClient:
         self._local = threading.local()
 
 
-Outcome = Callable[[Any, BaseException | None], None]
+Outcome = Callable[[Any, Exception | None], None]
 """How a ``LoopRelay`` operation ends: called once with (result, None) or (None, error)."""
 
 
@@ -749,7 +749,7 @@ class LoopRelay:
         run.steps.close()
         self._call(run, None, TimeoutError("relay operation deadline passed"))
 
-    def _finish(self, run: _Running, result: Any, error: BaseException | None) -> None:
+    def _finish(self, run: _Running, result: Any, error: Exception | None) -> None:
         self._runs.discard(run)
         self._disarm(run)
         self._call(run, result, error)
@@ -761,12 +761,12 @@ class LoopRelay:
         run.timer = run.expiry = None
 
     @staticmethod
-    def _call(run: _Running, result: Any, error: BaseException | None) -> None:
+    def _call(run: _Running, result: Any, error: Exception | None) -> None:
         done, run.done = run.done, _ended
         done(result, error)
 
 
-def _ended(result: Any, error: BaseException | None) -> None:
+def _ended(result: Any, error: Exception | None) -> None:
     """An operation's ``done`` once it has been called: never again."""
 
 
