@@ -199,6 +199,12 @@ def test_answered_call_client_hangs_up(kx: KxServer, workdir: Path, carrier_port
     assert b[0].header("Authorization") is None
     record = check_record(kx, client, ended_by="client", final_status=200)
     check_reached_carrier(record, carrier)
+    # The ladder holds the hang-up: the client's BYE, the BYE sent on to the
+    # carrier and the 200 to the client (the carrier's 200 comes after the record).
+    shown = kx.cli("calls", "show", call_id_of(client), "--summary").stdout
+    # Each line: time, "leg", the leg, the arrow, the peer, the transport, the first line.
+    last = [line.split()[2:4] + line.split()[6:7] for line in ladder_lines(shown)[-3:]]
+    assert last == [["A", "<-", "BYE"], ["B", "->", "BYE"], ["A", "->", "SIP/2.0"]], shown
     assert record["codec"] == "PCMU"
     assert record["transport"] == "UDP"
     assert record["answer_wall"] is not None
