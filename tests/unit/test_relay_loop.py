@@ -45,8 +45,7 @@ class ScriptedRelay:
         self.address: tuple[str, int] = self.sock.getsockname()
         self.answer = answer
         self.received: list[tuple[dict[str, Any], bytes]] = []
-        self.peer: tuple[str, int] = ("", 0)  # where the last request came from
-        self.peers: list[tuple[str, int]] = []
+        self.peers: list[tuple[str, int]] = []  # where each request came from
 
     def serve(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_reader(self.sock.fileno(), self._readable)
@@ -54,15 +53,19 @@ class ScriptedRelay:
     def _readable(self) -> None:
         while True:
             try:
-                data, peer = self.sock.recvfrom(65535)
+                self.take_one()
             except BlockingIOError:
                 return
-            request = open_datagram(SECRET, data)
-            self.received.append((request, data))
-            self.peer = peer
-            fields = self.answer(request)
-            if fields is not None:
-                self.sock.sendto(seal(SECRET, {"c": request["c"], **fields}), peer)
+
+    def take_one(self) -> None:
+        """Read one request and answer it (raises as the socket's recvfrom does)."""
+        data, peer = self.sock.recvfrom(65535)
+        request = open_datagram(SECRET, data)
+        self.received.append((request, data))
+        self.peers.append(peer)
+        fields = self.answer(request)
+        if fields is not None:
+            self.sock.sendto(seal(SECRET, {"c": request["c"], **fields}), peer)
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.sock.fileno())
@@ -266,7 +269,7 @@ def test_forged_and_stale_replies_change_nothing(flavour: str) -> None:
             if request["op"] != "allocate":
                 return answer(request)
             sent.append(request["c"])
-            peer = relay.peer
+            peer = relay.peers[-1]
             if len(sent) == 1:
                 # A forged reply (another secret) and one to a cookie never sent
                 # arrive first; then the first attempt's reply comes late, twice.
@@ -403,7 +406,7 @@ def test_io_anyio_runs_the_relays_commands_as_loop_callbacks_on_asyncio(backend:
         relay.sock.settimeout(0.05)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                _readable_blocking(relay)
+                relay.take_one()
 
     answering = threading.Thread(target=relay_thread, daemon=True)
     answering.start()
@@ -444,16 +447,6 @@ def test_io_anyio_runs_the_relays_commands_as_loop_callbacks_on_asyncio(backend:
     else:
         assert loop_relay is None
     assert server._loop_relay is None  # closed with the server
-
-
-def _readable_blocking(self: ScriptedRelay) -> None:
-    data, peer = self.sock.recvfrom(65535)
-    request = open_datagram(SECRET, data)
-    self.received.append((request, data))
-    self.peers.append(peer)
-    fields = self.answer(request)
-    if fields is not None:
-        self.sock.sendto(seal(SECRET, {"c": request["c"], **fields}), peer)
 
 
 @pytest.mark.parametrize("flavour", ["asyncio", "uvloop"])
