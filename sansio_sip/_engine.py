@@ -101,6 +101,7 @@ class Engine:
         self._used_nonces = NonceTracker(lifetime=config.nonce_lifetime)
         self._framers: dict[int, StreamFramer] = {}
         self._pending: dict[int, _PendingAuth] = {}
+        self._parked: Request | None = None  # the request just parked for a look-up
         self._next_token = 1
         self._counters: Counter[str] = Counter()
         self._guard = Guard(config.guard)
@@ -269,6 +270,8 @@ class Engine:
             self._authenticated(pending, account, now, wall, out)
         except RemoteProtocolError as error:
             self._answer_error(pending.transaction, pending.request, error, now, wall, out)
+        finally:
+            pending.request._forget_received()
         if self._transactions.removed:
             self._unlink_removed()
         return out
@@ -280,6 +283,7 @@ class Engine:
         if pending is None:
             return out
         self._counters["store_unavailable"] += 1
+        pending.request._forget_received()
         self._busy(pending.transaction, pending.request, now, wall, out)
         out.append(
             Log(
@@ -436,6 +440,28 @@ class Engine:
         except ParseError as error:
             self._parse_failed(data, error, source, transport, connection, out)
             return
+        try:
+            self._dispatch_message(message, data, source, transport, connection, now, wall, out)
+        finally:
+            # The datagram stays with the message only while it is handled (for the
+            # ladder, as_received), a look-up's wait included: a transaction keeps its
+            # request for up to 64*T1, and the table holds up to max_transactions
+            # (20,000) of them.
+            if message is not self._parked:
+                message._forget_received()
+            self._parked = None
+
+    def _dispatch_message(
+        self,
+        message: Request | Response,
+        data: bytes,
+        source: Address,
+        transport: Transport,
+        connection: int | None,
+        now: float,
+        wall: float,
+        out: list[Action],
+    ) -> None:
         if isinstance(message, Response):
             self._counters["responses_in"] += 1
             self._on_response(message, source, now, wall, out)
@@ -785,6 +811,7 @@ class Engine:
         if pending_token is not None:
             # Still authenticating: nothing was started, just end the INVITE.
             pending = self._pending.pop(pending_token)
+            pending.request._forget_received()
             self._respond(invite, pending.request, 487, "Request Terminated", now, wall, out)
             return
         self._calls.cancel(invite, now=now, wall=wall, out=out)
@@ -826,6 +853,7 @@ class Engine:
             transport=transport,
             connection=connection,
         )
+        self._parked = request
         out.append(LookupAccount(token=token, username=credentials.username))
 
     def _credentials(self, request: Request) -> DigestCredentials | None:

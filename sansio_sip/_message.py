@@ -595,10 +595,15 @@ class _Message(abc.ABC):
         headers themselves are not changed."""
         return self._serialise()
 
+    def _forget_received(self) -> None:
+        """Drop the datagram (the engine, once it has handled the message)."""
+        self.headers._cache.pop("received", None)
+
     def as_received(self) -> bytes:
         """The bytes ``parse_message`` read this message from (without leading
         CRLFs or bytes past Content-Length), while its start line, headers and
-        body are unchanged; otherwise, or for a message built here, ``bytes(self)``.
+        body are unchanged and the engine is handling it; otherwise, or for a
+        message built here, ``bytes(self)``.
         For ladders and logs, which show a message as it came, without
         serialising it again."""
         received = self.headers._cache.get("received")

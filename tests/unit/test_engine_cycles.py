@@ -165,3 +165,16 @@ def test_an_ended_call_lingering_with_its_transactions_keeps_no_ladder() -> None
 
 def ended_call_ids(calls: list[object]) -> set[str]:
     return {call.a.call_id for call in calls}  # type: ignore[attr-defined]
+
+
+def test_a_handled_message_does_not_keep_its_datagram() -> None:
+    """as_received() serves the ladder while the engine handles a message; a
+    request a lingering transaction keeps must not keep the datagram too."""
+    h = Harness.make(account(max_calls=100))
+    phone = Phone(call_id="keep@10.0.0.7")
+    h.receive(phone.request("REGISTER"))
+    _call(h, 1, client_hangs_up=True)  # an account look-up between INVITE and call
+    kept = [t.request for t in h.engine._transactions._servers.values()]
+    assert len(kept) >= 3  # the REGISTER, the call's INVITE, its BYE
+    assert all(request.headers._cache.get("received") is None for request in kept)
+    assert not h.engine._pending
